@@ -1,0 +1,413 @@
+"""Typed configuration: YAML files and ``key=value`` overrides mapped onto dataclasses.
+
+Every section of a YAML file in ``configs/`` maps one to one onto a dataclass below. Loading goes
+YAML -> OmegaConf structured config (type conversion) -> dataclasses -> :func:`validate`. Any
+problem raises :class:`ConfigError` naming the dotted key as the user typed it, the value received,
+what is allowed and how to fix it. This module imports nothing else of the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DATASETS = ("digits", "breast_cancer")
+SAMPLERS = ("sgld", "sghmc")
+ACTIVATIONS = ("relu", "tanh")
+WANDB_MODES = ("offline", "online", "disabled")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: an unknown key, a wrong type or an impossible value."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING
+    """Run directory holding samples, checkpoints, metrics and the W&B run. Required."""
+    resume: bool = True
+    """Resume from the newest checkpoint in ``run.dir`` when there is one. With ``false`` a run
+    directory that already holds checkpoints is an error, so nothing is overwritten."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    """Data set shipped with scikit-learn: ``digits`` (10 classes) or ``breast_cancer`` (2)."""
+    batch_size: int = 64
+    """Global mini-batch size in examples, summed over all ranks. Must divide by the world size."""
+    val_fraction: float = 0.15
+    """Fraction of all examples held out for validation, in [0, 1)."""
+    test_fraction: float = 0.2
+    """Fraction of all examples held out for the final test, in (0, 1)."""
+    shuffle: bool = True
+    """Shuffle the training set every epoch (a different, seeded order per epoch)."""
+    eval_batch_size: int = 512
+    """Per-rank batch size in examples for validation and test evaluation; it does not change
+    the chain."""
+
+
+@dataclass
+class ModelConfig:
+    hidden_sizes: list[int] = field(default_factory=lambda: [100])
+    """Width of each hidden layer of the MLP; an empty list gives a linear model."""
+    activation: str = "relu"
+    """Hidden-layer non-linearity: ``relu`` or ``tanh``."""
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "sghmc"
+    """Stochastic-gradient MCMC method: ``sgld`` or ``sghmc``."""
+    lr: float = 0.05
+    """Step size applied to the gradient of the mean loss (per-example scale, not multiplied by
+    the training-set size). Never rescaled with the world size."""
+    momentum: float = 0.9
+    """SGHMC momentum, one minus the friction, in [0, 1). Ignored by SGLD (a warning says so)."""
+    temperature: float = 1.0
+    """Posterior temperature: 1 samples the Bayesian posterior, 0 disables the noise."""
+    prior_std: float = 1.0
+    """Standard deviation of the zero-mean isotropic Gaussian prior on every weight."""
+
+
+@dataclass
+class TrainingConfig:
+    num_epochs: int = 50
+    """Total number of epochs of the run, counting epochs done before any resume."""
+    seed: int = 0
+    """Seed of the data split, the model initialisation, the data order and the Langevin noise."""
+    validate_every_epochs: int = 1
+    """Validate the current weights every this many epochs; 0 disables per-epoch validation."""
+
+
+@dataclass
+class SamplesConfig:
+    start_epoch: int = 25
+    """First epoch (1-based) whose weights are written as a posterior sample: the burn-in ends
+    before it."""
+    every_epochs: int = 1
+    """Epochs between two posterior samples (thinning)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 5
+    """Epochs between two checkpoints. The last epoch is always checkpointed."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """``offline`` (default, no network), ``online`` (needs a W&B account) or ``disabled``."""
+    project: str = "dist-bnn"
+    """W&B project name."""
+    entity: str | None = None
+    """W&B entity (user or team); ``null`` uses the account's default."""
+    name: str | None = None
+    """Display name of the W&B run; ``null`` lets W&B choose one."""
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = "auto"
+    """Process-group backend under a launcher: ``auto`` (NCCL with GPUs, gloo otherwise),
+    ``gloo`` or ``nccl``. A plain process started without a launcher uses no process group."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+# Sections and keys that decide the trajectory of the chain. Resuming a run with any of them
+# changed would mix two different chains in one run directory, so it is rejected.
+TRAJECTORY_KEYS = ("data", "model", "sampler", "samples", "training.seed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Build a validated :class:`Config` from an optional YAML file and dotted overrides.
+
+    Args:
+        path: YAML file whose top-level keys are config sections, or ``None`` for defaults only.
+        overrides: ``key=value`` strings such as ``sampler.lr=0.01``; later ones win.
+
+    Raises:
+        ConfigError: on a missing file, invalid YAML, an unknown key, a wrong type or an
+            impossible value.
+    """
+    layers = []
+    if path is not None:
+        layers.append((str(path), _read_yaml(Path(path))))
+    if overrides:
+        layers.append(("command line", _parse_overrides(overrides)))
+
+    schema = OmegaConf.structured(Config)
+    for source, layer in layers:
+        _check_keys(layer, Config, prefix="", source=source)
+        try:
+            schema = OmegaConf.merge(schema, layer)
+        except OmegaConfBaseException as err:
+            raise _wrap_omegaconf_error(err, source) from None
+    missing = sorted(OmegaConf.missing_keys(schema))
+    if missing:
+        raise ConfigError(
+            f"missing required key(s) {', '.join(missing)}; set them in the YAML file or on the "
+            f"command line, for example {missing[0]}=runs/digits"
+        )
+    cfg = OmegaConf.to_object(schema)
+    assert isinstance(cfg, Config)
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass the path of a YAML file in configs/")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must contain a mapping of sections (run, data, ...), "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(
+                f"invalid override {item!r}: expected key=value with a dotted key, "
+                f"for example training.num_epochs=20"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"invalid value in override {item!r}: {err}") from None
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part}")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _check_keys(layer: Any, schema: type, prefix: str, source: str) -> None:
+    """Reject keys that the dataclass ``schema`` does not define, listing the valid ones."""
+    if not isinstance(layer, dict):
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'} (from {source}): expected a mapping of keys, "
+            f"got {layer!r}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in layer.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            valid = ", ".join(sorted(fields))
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {dotted} (from {source}); valid keys here: {valid}{hint}"
+            )
+        field_type = fields[key].type
+        nested = _dataclass_of(field_type)
+        if nested is not None:
+            _check_keys(value, nested, prefix=f"{dotted}.", source=source)
+
+
+def _dataclass_of(field_type: Any) -> type | None:
+    # Annotations are strings under `from __future__ import annotations`.
+    if isinstance(field_type, str):
+        return _SECTIONS.get(field_type)
+    return field_type if dataclasses.is_dataclass(field_type) else None
+
+
+def _wrap_omegaconf_error(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "config"
+    value = getattr(err, "value", None)
+    return ConfigError(
+        f"invalid value for {key} (from {source}): got {value!r}, expected "
+        f"{_expected_type(key)}; fix the value in the YAML file or the override"
+    )
+
+
+def _expected_type(dotted_key: str) -> str:
+    """Describe the annotated type of a dotted key, e.g. ``int`` or ``list[int]``."""
+    schema: Any = Config
+    annotation: Any = "a value of the declared type"
+    for part in dotted_key.split("."):
+        part = part.split("[")[0]
+        fields = {f.name: f for f in dataclasses.fields(schema)} if schema else {}
+        if part not in fields:
+            break
+        annotation = fields[part].type
+        schema = _dataclass_of(annotation)
+    return str(annotation)
+
+
+_SECTIONS = {
+    cls.__name__: cls
+    for cls in (
+        RunConfig,
+        DataConfig,
+        ModelConfig,
+        SamplerConfig,
+        TrainingConfig,
+        SamplesConfig,
+        CheckpointConfig,
+        WandbConfig,
+        DistributedConfig,
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(cfg: Config) -> None:
+    """Check every value that has a type-correct but impossible setting.
+
+    Raises:
+        ConfigError: naming the first invalid key, its value, what is allowed and the fix.
+    """
+    _choice("data.name", cfg.data.name, DATASETS)
+    _choice("model.activation", cfg.model.activation, ACTIVATIONS)
+    _choice("sampler.name", cfg.sampler.name, SAMPLERS)
+    _choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
+    _choice("distributed.backend", cfg.distributed.backend, BACKENDS)
+
+    if not cfg.run.dir.strip():
+        raise ConfigError("run.dir is empty; set it to a directory path, e.g. run.dir=runs/digits")
+    _at_least("data.batch_size", cfg.data.batch_size, 1)
+    _at_least("data.eval_batch_size", cfg.data.eval_batch_size, 1)
+    _in_range("data.val_fraction", cfg.data.val_fraction, 0.0, 1.0, low_open=False)
+    _in_range("data.test_fraction", cfg.data.test_fraction, 0.0, 1.0, low_open=True)
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 0.9:
+        raise ConfigError(
+            f"data.val_fraction + data.test_fraction = "
+            f"{cfg.data.val_fraction + cfg.data.test_fraction:g} leaves under 10% of the data for "
+            f"training; lower one of them"
+        )
+    for i, width in enumerate(cfg.model.hidden_sizes):
+        _at_least(f"model.hidden_sizes[{i}]", width, 1)
+
+    _positive("sampler.lr", cfg.sampler.lr)
+    _in_range("sampler.momentum", cfg.sampler.momentum, 0.0, 1.0, low_open=False)
+    _at_least("sampler.temperature", cfg.sampler.temperature, 0.0)
+    _positive("sampler.prior_std", cfg.sampler.prior_std)
+
+    _at_least("training.num_epochs", cfg.training.num_epochs, 1)
+    _at_least("training.seed", cfg.training.seed, 0)
+    _at_least("training.validate_every_epochs", cfg.training.validate_every_epochs, 0)
+    _at_least("samples.start_epoch", cfg.samples.start_epoch, 1)
+    _at_least("samples.every_epochs", cfg.samples.every_epochs, 1)
+    if cfg.samples.start_epoch > cfg.training.num_epochs:
+        raise ConfigError(
+            f"samples.start_epoch={cfg.samples.start_epoch} is after the last epoch "
+            f"(training.num_epochs={cfg.training.num_epochs}), so no posterior sample would be "
+            f"written; allowed: 1 <= samples.start_epoch <= training.num_epochs"
+        )
+    _at_least("checkpoint.every_epochs", cfg.checkpoint.every_epochs, 1)
+    if not cfg.wandb.project.strip():
+        raise ConfigError("wandb.project is empty; set a project name, e.g. wandb.project=dist-bnn")
+
+
+def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key}={value!r} is invalid; allowed: {key} >= {minimum:g}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}={value!r} is invalid; allowed: {key} > 0")
+
+
+def _in_range(key: str, value: float, low: float, high: float, low_open: bool) -> None:
+    ok = (value > low if low_open else value >= low) and value < high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{key}={value!r} is invalid; allowed: {bracket}{low:g}, {high:g})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialisation
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Return the config as plain JSON-compatible nested dicts."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a validated config from :func:`to_dict` output (for example a manifest's copy)."""
+    _check_keys(data, Config, prefix="", source="stored config")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))
+    assert isinstance(cfg, Config)
+    validate(cfg)
+    return cfg
+
+
+def config_hash(cfg: Config) -> str:
+    """Return the sha256 of the canonical JSON of the whole config."""
+    return _sha256_json(to_dict(cfg))
+
+
+def trajectory_values(cfg: Config) -> dict[str, Any]:
+    """Return the flattened values of :data:`TRAJECTORY_KEYS`, keyed by dotted name."""
+    flat = _flatten(to_dict(cfg))
+    return {
+        key: value
+        for key, value in flat.items()
+        if any(key == t or key.startswith(t + ".") for t in TRAJECTORY_KEYS)
+    }
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _sha256_json(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,17 @@
+"""Exceptions that report a problem with the user's input or run directory (exit code 2)."""
+
+
+class UsageError(ValueError):
+    """A request that cannot be carried out as given; the message says what to change."""
+
+
+class ResumeError(UsageError):
+    """A run directory that cannot be resumed with the current command."""
+
+
+class SampleConflictError(RuntimeError):
+    """A posterior-sample file exists with different content than the one being written."""
+
+
+class ReplicaMismatchError(RuntimeError):
+    """Data-parallel replicas hold different parameters, so the chain is no longer one chain."""

@@ -1,0 +1,168 @@
+"""Helpers that launch the real command line, alone or under torchrun, on gloo and loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS_CONFIG = REPO / "configs" / "digits_sghmc.yaml"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# A small job that still exercises every path: 18 steps of 64 examples per epoch.
+SMALL_JOB = ("model.hidden_sizes=[32]", "data.batch_size=64")
+
+# Upper bound for one launch on the 2-core CI machine, so a hang fails instead of blocking.
+LAUNCH_TIMEOUT_S = 240
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return make_env(tmp_path)
+
+
+def make_env(root: Path) -> dict[str, str]:
+    """Environment of a launched job: W&B files under ``root``, gloo on loopback, one thread."""
+    values = dict(os.environ)
+    wandb_home = root / "wandb-home"
+    values.update(
+        WANDB_SILENT="true",
+        WANDB_CACHE_DIR=str(wandb_home / "cache"),
+        WANDB_CONFIG_DIR=str(wandb_home / "config"),
+        WANDB_DATA_DIR=str(wandb_home / "data"),
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_MODE"):
+        values.pop(name, None)
+    return values
+
+
+def train_command(args: Sequence[str], nproc: int | None = None, launcher_args: Sequence[str] = ()) -> list[str]:
+    """Command line of ``dist-bnn train``: a plain process, or torchrun with ``nproc`` workers.
+
+    ``--standalone`` makes torchrun bind its rendezvous to an OS-assigned port on localhost.
+    """
+    cli = ["-m", "dist_bnn", "train", *args]
+    if nproc is None:
+        return [sys.executable, *cli]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc-per-node", str(nproc), *launcher_args, *cli,
+    ]
+
+
+def run(command: Sequence[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, env=env, cwd=cwd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+    )
+
+
+def run_ok(command: Sequence[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    result = run(command, env, cwd)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-6000:]}"
+    return result
+
+
+def run_and_kill(
+    command: Sequence[str], env: dict[str, str], ready: Callable[[], bool], what: str, log: Path
+) -> None:
+    """Start ``command`` in its own session and SIGKILL all of it once ``ready()`` holds.
+
+    Its output goes to ``log`` (a pipe nobody reads could fill and stall the job).
+    """
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        try:
+            while not ready():
+                if process.poll() is not None:
+                    tail = log.read_text(errors="replace")[-4000:]
+                    raise AssertionError(f"job ended (exit {process.returncode}) before {what}:\n{tail}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no {what} within {LAUNCH_TIMEOUT_S} s")
+                time.sleep(0.01)
+        finally:
+            kill_tree(process.pid)
+            process.wait()
+
+
+def kill_tree(root_pid: int) -> None:
+    """SIGKILL ``root_pid`` and every process descended from it.
+
+    torchrun starts its workers in sessions of their own, so killing the launcher's process
+    group would leave the ranks running. The tree is collected before the first kill, because
+    a killed parent's children are re-parented and no longer found.
+    """
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, queue = [], [root_pid]
+    while queue:
+        pid = queue.pop()
+        tree.append(pid)
+        queue.extend(children.get(pid, []))
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def committed(run_dir: Path, epoch: int) -> bool:
+    """Return whether the checkpoint of ``epoch`` has its manifest, whatever its iteration."""
+    return any((run_dir / "checkpoints").glob(f"epoch{epoch:04d}-iter*/manifest.json"))
+
+
+def sample_hashes(run_dir: Path) -> dict[str, str]:
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted((run_dir / "samples").glob("*.pt"))
+    }
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    return sorted(p for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))[-1]
+
+
+def load_dcp(checkpoint: Path, tmp_path: Path) -> dict[str, Any]:
+    """Load every tensor of a DCP checkpoint in this process, with no process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = tmp_path / f"{checkpoint.parent.parent.name}-{checkpoint.name}.pt"
+    dcp_to_torch_save(checkpoint, target)
+    return torch.load(target, weights_only=True)
+
+
+def assert_same_tree(left: Any, right: Any, where: str = "state") -> None:
+    """Assert two nested dicts/lists of tensors and plain values are bitwise equal."""
+    assert type(left) is type(right), f"{where}: {type(left).__name__} vs {type(right).__name__}"
+    if isinstance(left, dict):
+        assert left.keys() == right.keys(), f"{where}: keys differ"
+        for key in left:
+            assert_same_tree(left[key], right[key], f"{where}.{key}")
+    elif isinstance(left, (list, tuple)):
+        assert len(left) == len(right), f"{where}: lengths differ"
+        for i, (a, b) in enumerate(zip(left, right)):
+            assert_same_tree(a, b, f"{where}[{i}]")
+    elif isinstance(left, torch.Tensor):
+        assert left.dtype == right.dtype and left.shape == right.shape, f"{where}: dtype or shape differ"
+        assert torch.equal(left, right), f"{where}: values differ"
+    else:
+        assert left == right, f"{where}: {left!r} != {right!r}"
