@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -219,6 +220,8 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier override of {part}")
             node = child
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"override {item!r} would replace the earlier overrides of {key}.*")
         node[parts[-1]] = value
     return tree
 
@@ -350,13 +353,14 @@ def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
 
 
 def _at_least(key: str, value: float, minimum: float) -> None:
-    if value < minimum:
-        raise ConfigError(f"{key}={value!r} is invalid; allowed: {key} >= {minimum:g}")
+    # Written as "not >=" so that NaN is rejected too.
+    if not value >= minimum or math.isinf(value):
+        raise ConfigError(f"{key}={value!r} is invalid; allowed: finite {key} >= {minimum:g}")
 
 
 def _positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{key}={value!r} is invalid; allowed: {key} > 0")
+    if not value > 0 or math.isinf(value):
+        raise ConfigError(f"{key}={value!r} is invalid; allowed: finite {key} > 0")
 
 
 def _in_range(key: str, value: float, low: float, high: float, low_open: bool) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
 from torch import nn
 
 from dist_bnn import distributed
 from dist_bnn.errors import ReplicaMismatchError
+
+logger = logging.getLogger(__name__)
 
 
 def parameter_fingerprint(model: nn.Module) -> int:
@@ -38,3 +41,4 @@ def check_replicas(model: nn.Module) -> None:
             f"with a per-rank seed, or a step taken outside DDP); the chain is invalid from the "
             f"last checkpoint on"
         )
+    logger.debug("replicas identical on all %d ranks (fingerprint %016x)", len(fingerprints), fingerprints[0])

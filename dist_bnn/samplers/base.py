@@ -54,12 +54,13 @@ class SGMCMC(Optimizer):
 
     @staticmethod
     def _check_hyperparameters(lr: float, temperature: float, prior_std: float, num_data: int) -> None:
-        if not lr > 0:
-            raise ValueError(f"expected lr > 0, got {lr}")
-        if temperature < 0:
-            raise ValueError(f"expected temperature >= 0, got {temperature}")
-        if not prior_std > 0:
-            raise ValueError(f"expected prior_std > 0, got {prior_std}")
+        # Comparisons written as "not ..." so that NaN fails them too.
+        if not 0 < lr < math.inf:
+            raise ValueError(f"expected 0 < lr < inf, got {lr}")
+        if not 0 <= temperature < math.inf:
+            raise ValueError(f"expected 0 <= temperature < inf, got {temperature}")
+        if not 0 < prior_std < math.inf:
+            raise ValueError(f"expected 0 < prior_std < inf, got {prior_std}")
         if num_data < 1:
             raise ValueError(f"expected num_data >= 1 (the full training-set size), got {num_data}")
 

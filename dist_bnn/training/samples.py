@@ -107,10 +107,15 @@ class SampleStore:
         self.remove_uncommitted(after_epoch=epoch)
 
     def remove_uncommitted(self, after_epoch: int) -> None:
-        """Delete sample files newer than ``after_epoch``. Only rank 0 calls this."""
+        """Delete sample files newer than ``after_epoch`` and temporary files of interrupted
+        writes. Only rank 0 calls this."""
         if not self.dir.is_dir():
             return
         for path in sorted(self.dir.iterdir()):
+            if path.name.startswith(".") and ".tmp-" in path.name:
+                logger.info("removing %s left by an interrupted write", path)
+                path.unlink()
+                continue
             epoch = sample_epoch(path.name)
             if epoch is not None and epoch > after_epoch and path.name not in self.files:
                 logger.info(
