@@ -74,8 +74,8 @@ def _train(raw: list[str], log_level: str) -> int:
     from dist_bnn.logs import setup_logging
     from dist_bnn.training.trainer import train
 
-    # Launchers set RANK and WORLD_SIZE before the process group exists; logging set up now
-    # also covers what happens before it (run_on_rank sets it up again with the group's rank).
+    # Launchers set RANK and WORLD_SIZE before the process group exists, so logging set up now
+    # covers the start too. run_on_rank sets it up again with the group's rank.
     setup_logging(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), log_level)
 
     try:

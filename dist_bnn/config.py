@@ -38,7 +38,7 @@ class RunConfig:
     """Run directory holding samples, checkpoints, metrics and the W&B run. Required."""
     resume: bool = True
     """Resume from the newest checkpoint in ``run.dir`` when there is one. With ``false`` a run
-    directory that already holds checkpoints is an error, so nothing is overwritten."""
+    directory that already contains checkpoints is an error, so nothing is overwritten."""
 
 
 @dataclass
@@ -74,7 +74,7 @@ class SamplerConfig:
     """Step size applied to the gradient of the mean loss (per-example scale, not multiplied by
     the training-set size). Never rescaled with the world size."""
     momentum: float = 0.9
-    """SGHMC momentum, one minus the friction, in [0, 1). Ignored by SGLD (a warning says so)."""
+    """SGHMC momentum, one minus the friction, in [0, 1). Ignored by SGLD, with a warning."""
     temperature: float = 1.0
     """Posterior temperature: 1 samples the Bayesian posterior, 0 disables the noise."""
     prior_std: float = 1.0

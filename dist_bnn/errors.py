@@ -2,7 +2,7 @@
 
 
 class UsageError(ValueError):
-    """A request that cannot be carried out as given; the message says what to change."""
+    """A request that cannot be carried out as given. The message names what to change."""
 
 
 class ResumeError(UsageError):

@@ -4,7 +4,7 @@
 #   launch/accelerate_cpu.sh NPROC CONFIG.yaml [key=value ...]
 #
 # `accelerate launch --cpu --num_processes N` starts a single process (accelerate 1.16), so
-# this uses the multi-GPU mode, which starts N processes through torch's launcher; dist_bnn
+# this uses the multi-GPU mode, which starts N processes through torch's launcher. dist_bnn
 # then finds RANK and WORLD_SIZE and creates a gloo group. Port 0 lets the OS pick a free
 # rendezvous port instead of accelerate's fixed default, 29500.
 set -euo pipefail

@@ -79,7 +79,7 @@ def run_and_kill(
 ) -> None:
     """Start ``command`` in its own session and SIGKILL all of it once ``ready()`` holds.
 
-    Its output goes to ``log`` (a pipe nobody reads could fill and stall the job).
+    Its output goes to ``log`` (an unread pipe could fill up and stall the job).
     """
     with open(log, "wb") as output:
         process = subprocess.Popen(
@@ -162,7 +162,8 @@ def assert_same_tree(left: Any, right: Any, where: str = "state") -> None:
         for i, (a, b) in enumerate(zip(left, right)):
             assert_same_tree(a, b, f"{where}[{i}]")
     elif isinstance(left, torch.Tensor):
-        assert left.dtype == right.dtype and left.shape == right.shape, f"{where}: dtype or shape differ"
+        assert left.dtype == right.dtype, f"{where}: dtype differs"
+        assert left.shape == right.shape, f"{where}: shape differs"
         assert torch.equal(left, right), f"{where}: values differ"
     else:
         assert left == right, f"{where}: {left!r} != {right!r}"

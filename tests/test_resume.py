@@ -135,7 +135,8 @@ def test_wandb_history_one_run_each_epoch_once(runs):
     rows = [row for path in launches for row in history_rows(path)]
     assert [row["epoch"] for row in rows] == list(range(1, NUM_EPOCHS + 1))
     steps = [row["_step"] for row in rows]
-    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert steps == sorted(steps)
+    assert len(set(steps)) == len(steps)
     assert all(row["_step"] == row["iteration"] for row in rows)
 
     a_rows = [row for path in offline_runs(runs["a"] / "wandb") for row in history_rows(path)]

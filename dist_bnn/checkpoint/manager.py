@@ -7,10 +7,10 @@ Layout of one checkpoint, ``RUN_DIR/checkpoints/epoch0006-iter000000120/``::
     rng/rank_<rank>.pt     each rank's RNG states (tensors and plain numbers)
     manifest.json          written last by rank 0: the commit marker
 
-Commit rule: every rank writes into ``checkpoints/.partial-<name>/``; once ``dcp.save`` has
-returned on rank 0 (which implies every rank's shards are written), rank 0 writes the manifest,
-renames the directory to ``<name>`` and fsyncs ``checkpoints/``. A directory without a valid
-manifest is never loaded.
+Commit rule: every rank writes into ``checkpoints/.partial-<name>/``. When ``dcp.save`` returns
+on rank 0, every rank's shards are written. Rank 0 then writes the manifest, renames the
+directory to ``<name>`` and fsyncs ``checkpoints/``. A directory without a valid manifest is
+never loaded.
 """
 
 from __future__ import annotations

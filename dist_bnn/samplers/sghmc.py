@@ -7,7 +7,7 @@ Update, with ``g = grad L + theta / (N prior_std^2)`` (see :class:`SGMCMC`), mom
     theta <- theta + v
 
 This is the SGD-with-momentum form of SGHMC with step size ``lr / N`` on the potential ``U``
-and the gradient-noise estimate set to zero; its stationary density in ``theta`` is
+and the gradient-noise estimate set to zero. Its stationary density in ``theta`` is
 ``exp(-U(theta) / T)``.
 """
 

@@ -28,7 +28,8 @@ RUN_FILE = "run.json"
 
 @dataclass
 class RunPlan:
-    """What this launch does, decided by rank 0 and broadcast to every rank."""
+    """Plan of this launch (fresh start, resume or nothing to do), decided by rank 0 and
+    broadcast to every rank."""
 
     run_id: str = ""
     resume_path: str | None = None
@@ -71,7 +72,7 @@ def _plan_run(run_dir: Path, cfg: Config, world_size: int) -> RunPlan:
     checkpoints = manager.find_committed(run_dir)
     if checkpoints and not cfg.run.resume:
         raise _PlanError(
-            f"run.dir={run_dir} already holds {len(checkpoints)} checkpoint(s) and run.resume=false; "
+            f"run.dir={run_dir} already contains {len(checkpoints)} checkpoint(s) and run.resume=false; "
             f"set run.resume=true to continue that run or choose a new run.dir"
         )
 
@@ -101,7 +102,7 @@ def _read_identity(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
         leftovers = [p for p in (run_dir / SAMPLES_DIR, run_dir / manager.CHECKPOINTS_DIR) if p.exists()]
         if leftovers:
             raise _PlanError(
-                f"run.dir={run_dir} holds {', '.join(p.name for p in leftovers)} but no {RUN_FILE}, "
+                f"run.dir={run_dir} contains {', '.join(p.name for p in leftovers)} but no {RUN_FILE}, "
                 f"so it was not created by dist_bnn; choose an empty or new run.dir"
             )
         return None
@@ -119,7 +120,7 @@ def _read_identity(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
     ]
     if changed:
         raise _PlanError(
-            f"run.dir={run_dir} holds a run with another configuration; these keys differ from "
+            f"run.dir={run_dir} contains a run with another configuration; these keys differ from "
             f"the stored run ({', '.join(changed)}). Relaunch with the original values (only "
             f"training.num_epochs, checkpoint.*, wandb.* and distributed.* may change) or choose "
             f"a new run.dir"

@@ -1,8 +1,8 @@
 """Per-epoch records: ``RUN_DIR/metrics.jsonl`` and the W&B run (rank 0 only).
 
 W&B receives an epoch's row only after the checkpoint that covers the epoch is committed. A
-run killed between two checkpoints is resumed from the older one and trains those epochs again;
-if their rows had been sent already, W&B would hold them twice. ``metrics.jsonl`` is written at
+run killed between two checkpoints is resumed from the older one and trains those epochs again,
+so rows sent before the kill would reach W&B twice. ``metrics.jsonl`` is written at
 once and truncated back to the checkpoint's epoch on resume.
 
 A kill can also lose rows that were sent: wandb-core buffers its writes, and a SIGKILLed launch

@@ -49,7 +49,7 @@ def train(cfg: Config, log_level: str = "INFO") -> None:
     """Run (or resume) the training job described by ``cfg`` on every rank of this launch."""
     backend = distributed.resolve_backend(cfg.distributed.backend)
     parallel = idist.Parallel(backend=backend)
-    # Ignite's launcher logs its own start and end at INFO on every rank; ours says more.
+    # Ignite's launcher logs its own start and end at INFO; the run's own lines replace them.
     logging.getLogger("ignite.distributed.launcher.Parallel").setLevel(logging.WARNING)
     with parallel:
         parallel.run(run_on_rank, cfg, log_level)
@@ -88,7 +88,7 @@ def _report_complete(run_dir: Path, plan: RunPlan) -> None:
     manifest = plan.resume_manifest
     assert manifest is not None
     logger.info(
-        "run complete: %s already holds epoch %d of %d (checkpoint %s); nothing to train. "
+        "run complete: %s already contains epoch %d of %d (checkpoint %s); nothing to train. "
         "Raise training.num_epochs to continue the chain.",
         run_dir,
         manifest.epoch,
@@ -99,7 +99,7 @@ def _report_complete(run_dir: Path, plan: RunPlan) -> None:
         logger.info("test metrics of the Bayesian model average: %s", _format(manifest.final_metrics))
     else:
         logger.warning(
-            "checkpoint %s was written before the last epoch of a longer run, so it holds no "
+            "checkpoint %s was written before the last epoch of a longer run, so it contains no "
             "test metrics of the Bayesian model average",
             plan.resume_path,
         )
@@ -168,8 +168,8 @@ def _build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, devi
         features, targets = batch[0].to(device), batch[1].to(device)
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(features), targets)
-        # DDP averages the gradients over ranks inside backward(), so step() below sees the
-        # gradient of the mean loss over the global batch and draws the shared noise after it.
+        # DDP averages the gradients over ranks inside backward(), so step() below receives
+        # the gradient of the mean loss over the global batch and draws the shared noise after it.
         loss.backward()
         optimizer.step()
         # Accumulated on the device and read once per epoch: no host sync per iteration.

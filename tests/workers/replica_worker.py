@@ -1,4 +1,4 @@
-"""Worker for the replica-check test: rank 1 perturbs one weight unless told not to.
+"""Worker for the replica-check test: rank 1 perturbs one weight in mode "perturb".
 
 Usage (under torchrun): replica_worker.py OUT_DIR perturb|same
 Writes OUT_DIR/rank_<r>.json with the outcome of check_replicas on that rank.
