@@ -26,6 +26,8 @@ SAMPLERS = ("sgld", "sghmc")
 ACTIVATIONS = ("relu", "tanh")
 WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("auto", "gloo", "nccl")
+BEST_METRICS = ("val/nll", "val/accuracy", "train/loss")
+BEST_MODES = ("min", "max")
 
 
 class ConfigError(ValueError):
@@ -104,6 +106,17 @@ class SamplesConfig:
 class CheckpointConfig:
     every_epochs: int = 5
     """Epochs between two checkpoints. The last epoch is always checkpointed."""
+    keep_last: int | None = None
+    """Number of newest checkpoints to keep (>= 1); ``null`` keeps every checkpoint. Older ones
+    are deleted only after a newer one is committed."""
+    keep_best: int = 0
+    """Number of best checkpoints by ``checkpoint.best_metric`` kept besides the newest ones
+    (only with ``checkpoint.keep_last`` set); 0 keeps none for their metric."""
+    best_metric: str = "val/nll"
+    """Metric that ranks checkpoints for ``checkpoint.keep_best``: ``val/nll``,
+    ``val/accuracy`` or ``train/loss``."""
+    best_mode: str = "min"
+    """``min`` if a smaller ``checkpoint.best_metric`` is better, ``max`` if a larger one is."""
 
 
 @dataclass
@@ -343,6 +356,25 @@ def validate(cfg: Config) -> None:
             f"written; allowed: 1 <= samples.start_epoch <= training.num_epochs"
         )
     _at_least("checkpoint.every_epochs", cfg.checkpoint.every_epochs, 1)
+    if cfg.checkpoint.keep_last is not None:
+        _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
+    _at_least("checkpoint.keep_best", cfg.checkpoint.keep_best, 0)
+    _choice("checkpoint.best_metric", cfg.checkpoint.best_metric, BEST_METRICS)
+    _choice("checkpoint.best_mode", cfg.checkpoint.best_mode, BEST_MODES)
+    if cfg.checkpoint.keep_best and cfg.checkpoint.keep_last is None:
+        raise ConfigError(
+            f"checkpoint.keep_best={cfg.checkpoint.keep_best} has no effect while "
+            f"checkpoint.keep_last=null keeps every checkpoint; set checkpoint.keep_last too"
+        )
+    if (
+        cfg.checkpoint.keep_best
+        and cfg.checkpoint.best_metric.startswith("val/")
+        and cfg.training.validate_every_epochs == 0
+    ):
+        raise ConfigError(
+            f"checkpoint.best_metric={cfg.checkpoint.best_metric} needs validation, but "
+            f"training.validate_every_epochs=0 disables it; enable validation or use train/loss"
+        )
     if not cfg.wandb.project.strip():
         raise ConfigError("wandb.project is empty; set a project name, e.g. wandb.project=dist-bnn")
 

@@ -86,3 +86,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if idist.get_world_size() == 1:
         return tensor
     return idist.all_reduce(tensor, op="SUM")
+
+
+def all_gather_json(value: Any) -> list[Any]:
+    """Gather a JSON-serialisable value from every rank, in rank order. Every rank must call
+    this."""
+    if idist.get_world_size() == 1:
+        return [value]
+    return [json.loads(text) for text in idist.all_gather(json.dumps(value))]

@@ -15,3 +15,7 @@ class SampleConflictError(RuntimeError):
 
 class ReplicaMismatchError(RuntimeError):
     """Data-parallel replicas hold different parameters, so the chain is no longer one chain."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint that could not be written; the previous committed checkpoint is intact."""

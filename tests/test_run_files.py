@@ -93,7 +93,7 @@ def test_partial_checkpoint_removed(tmp_path, env):
     partial.mkdir()
     (partial / "__0_0.distcp").write_bytes(b"half")
     result = run_ok(train_command(job(run_dir)), env)
-    assert f"removing partial checkpoint {partial}" in result.stderr
+    assert f"removing checkpoint directory {partial} left by an interrupted save" in result.stderr
     assert not partial.exists()
 
 

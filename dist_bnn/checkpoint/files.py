@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -42,3 +43,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def torch_save_atomic(path: Path, obj: Any) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def file_digest(path: Path) -> dict[str, int | str]:
+    """Return ``{"size": bytes, "sha256": hex digest}`` of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}

@@ -1,23 +1,26 @@
-"""Saving, finding and loading checkpoints through torch.distributed.checkpoint (DCP).
+"""Saving, finding, verifying, loading and pruning checkpoints (torch.distributed.checkpoint).
 
 Layout of one checkpoint, ``RUN_DIR/checkpoints/epoch0006-iter000000120/``::
 
     .metadata              DCP's index of the shards, written by rank 0 at the end of dcp.save
     __<rank>_0.distcp      DCP shards of model and optimizer (replicated tensors deduplicated)
     rng/rank_<rank>.pt     each rank's RNG states (tensors and plain numbers)
-    manifest.json          written last by rank 0: the commit marker
+    manifest.json          written last by rank 0: the commit marker, with every file's digest
 
-Commit rule: every rank writes into ``checkpoints/.partial-<name>/``. When ``dcp.save`` returns
-on rank 0, every rank's shards are written. Rank 0 then writes the manifest, renames the
-directory to ``<name>`` and fsyncs ``checkpoints/``. A directory without a valid manifest is
-never loaded.
+Commit rule: every rank writes into ``checkpoints/.partial-<name>/``. When ``dcp.save`` returns,
+every rank's shards are written. Each rank hashes its own files, rank 0 gathers the digests,
+writes the manifest, fsyncs the directory, renames it to ``<name>`` and fsyncs
+``checkpoints/``. A directory is loaded only after its manifest and every file it lists verify.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,14 +31,19 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dist_bnn import distributed
-from dist_bnn.checkpoint.files import fsync_dir
-from dist_bnn.checkpoint.manifest import Manifest, ManifestError, read_manifest, write_manifest
-from dist_bnn.checkpoint.rng import load_rank_rng, save_rank_rng
+from dist_bnn.checkpoint.files import file_digest, fsync_dir
+from dist_bnn.checkpoint.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest, write_manifest
+from dist_bnn.checkpoint.rng import load_rank_rng, rank_rng_path, save_rank_rng
+from dist_bnn.checkpoint.verify import DCP_METADATA, InvalidCheckpoint, verify_checkpoint
+from dist_bnn.errors import CheckpointSaveError, ResumeError
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 PARTIAL_PREFIX = ".partial-"
+INVALID_PREFIX = ".invalid-"
+REMOVING_PREFIX = ".removing-"
+_NAME_PATTERN = re.compile(r"^epoch(\d{4,})-iter(\d{9,})$")
 
 
 @dataclass
@@ -48,40 +56,95 @@ def checkpoint_name(epoch: int, iteration: int) -> str:
     return f"epoch{epoch:04d}-iter{iteration:09d}"
 
 
-def find_committed(run_dir: Path) -> list[CommittedCheckpoint]:
-    """Return the committed checkpoints of ``run_dir``, oldest first.
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Return the checkpoint directories of ``run_dir`` (committed or not), oldest first.
 
-    A directory whose manifest is missing or invalid is skipped with a warning naming the reason.
+    Hidden directories (partial writes, set-aside and half-removed checkpoints) are not listed.
     """
     root = run_dir / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
+    named = []
+    for path in root.iterdir():
+        match = _NAME_PATTERN.match(path.name)
+        if path.is_dir() and match:
+            named.append(((int(match.group(2)), int(match.group(1))), path))
+    return [path for _, path in sorted(named)]
+
+
+def find_committed(run_dir: Path) -> list[CommittedCheckpoint]:
+    """Return the checkpoints whose manifest parses, oldest first, without hashing their files.
+
+    A directory whose manifest is missing or invalid is skipped with a warning naming the reason.
+    """
     found = []
-    for path in sorted(root.iterdir()):
-        if not path.is_dir() or path.name.startswith("."):
-            continue
+    for path in checkpoint_dirs(run_dir):
         try:
             found.append(CommittedCheckpoint(path, read_manifest(path)))
         except ManifestError as err:
             logger.warning("skipping checkpoint %s: %s", path, err)
-    found.sort(key=lambda c: (c.manifest.iteration, c.manifest.epoch))
     return found
 
 
+def select_checkpoint(
+    run_dir: Path, samples_dir: Path
+) -> tuple[CommittedCheckpoint | None, list[tuple[Path, str]]]:
+    """Find the newest checkpoint that verifies. Only rank 0 calls this.
+
+    Returns:
+        The newest valid checkpoint (``None`` if there is none) and the ``(path, reason)`` of
+        every newer one that failed verification, newest first.
+    """
+    invalid = []
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            manifest = verify_checkpoint(path, samples_dir)
+        except InvalidCheckpoint as err:
+            logger.warning("skipping checkpoint %s: %s", path, err)
+            invalid.append((path, str(err)))
+            continue
+        return CommittedCheckpoint(path, manifest), invalid
+    return None, invalid
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an invalid checkpoint to a hidden name, keeping it for inspection. Rank 0 only.
+
+    A resumed run writes a new checkpoint under the same name, so the invalid one must move.
+    """
+    target = path.with_name(f"{INVALID_PREFIX}{path.name}")
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = path.with_name(f"{INVALID_PREFIX}{path.name}-{suffix}")
+    path.rename(target)
+    fsync_dir(path.parent)
+    logger.warning("moved invalid checkpoint %s to %s", path, target)
+    return target
+
+
 def remove_partial(run_dir: Path) -> None:
-    """Delete checkpoint directories left half-written by a crash. Only rank 0 calls this."""
+    """Delete directories of interrupted saves and removals. Only rank 0 calls this."""
     root = run_dir / CHECKPOINTS_DIR
     if not root.is_dir():
         return
-    for path in sorted(root.glob(PARTIAL_PREFIX + "*")):
-        logger.info("removing partial checkpoint %s left by an interrupted save", path)
-        shutil.rmtree(path)
+    for prefix, why in ((PARTIAL_PREFIX, "an interrupted save"), (REMOVING_PREFIX, "an interrupted removal")):
+        for path in sorted(root.glob(prefix + "*")):
+            logger.info("removing checkpoint directory %s left by %s", path, why)
+            shutil.rmtree(path)
 
 
 def _no_process_group() -> bool:
-    # A plain process without a launcher has no process group; telling DCP so avoids its
-    # "assuming single process" warning on every save.
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    # DCP warns on every save and load without a process group, even with no_dist=True, that
+    # it assumes a single process. That is the intended mode of a plain process.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -89,41 +152,47 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]
     return {"model": model_state, "optim": optim_state}
 
 
+def _agree(error: str | None, what: str) -> None:
+    """Raise on every rank if any rank reports an error. Every rank must call this."""
+    errors = [(rank, e) for rank, e in enumerate(distributed.all_gather_json(error)) if e is not None]
+    if errors:
+        details = "; ".join(f"rank {rank}: {e}" for rank, e in errors)
+        raise CheckpointSaveError(
+            f"{what} failed ({details}). The previous checkpoint is intact: check free disk space "
+            f"and quotas, then relaunch the same command to resume from it"
+        )
+
+
 def save_checkpoint(
     run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, manifest: Manifest
 ) -> Path:
-    """Write and commit one checkpoint. Every rank must call this.
+    """Write, verify-stamp and commit one checkpoint. Every rank must call this.
 
     Args:
         run_dir: the run directory; the checkpoint goes under ``run_dir/checkpoints``.
         model: the (possibly DDP-wrapped) model; DCP stores plain parameter names.
         optimizer: the sampler, whose state includes the shared noise generator.
-        manifest: progress to commit; only rank 0's copy is written.
+        manifest: progress to commit, with ``files`` left empty; only rank 0's copy is written.
 
     Returns:
         The committed checkpoint directory.
+
+    Raises:
+        CheckpointSaveError: on every rank when any rank failed to write (a full disk, say).
+            The previous checkpoint is untouched and the partial directory is removed.
     """
     start = time.perf_counter()
+    rank = distributed.rank()
     name = checkpoint_name(manifest.epoch, manifest.iteration)
     root = run_dir / CHECKPOINTS_DIR
     final = root / name
     partial = root / f"{PARTIAL_PREFIX}{name}"
-    if final.exists():
-        # Only a resume from an older checkpoint than the newest could lead here, and resume
-        # always picks the newest.
-        raise FileExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
-
-    partial.mkdir(parents=True, exist_ok=True)
-    save_rank_rng(partial, distributed.rank())
-    dcp.save(_state(model, optimizer), checkpoint_id=partial, no_dist=_no_process_group())
-
-    # dcp.save ends with rank 0 gathering every rank's write results and writing .metadata, so
-    # when it returns on rank 0 all shards and RNG files exist.
-    if distributed.is_writer():
-        write_manifest(partial, manifest)
-        partial.rename(final)
-        fsync_dir(root)
-    distributed.barrier()
+    try:
+        _write_and_commit(partial, final, rank, model, optimizer, manifest)
+    except CheckpointSaveError:
+        if distributed.is_writer():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     logger.info(
         "saved checkpoint %s (epoch %d, iteration %d) in %.2f s",
         final,
@@ -134,19 +203,133 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """Load model and optimizer state in place from ``path``. Every rank must call this.
+def _write_and_commit(
+    partial: Path, final: Path, rank: int, model: nn.Module, optimizer: torch.optim.Optimizer, manifest: Manifest
+) -> None:
+    error = None
+    try:
+        if final.exists():
+            raise FileExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
+        partial.mkdir(parents=True, exist_ok=True)
+        save_rank_rng(partial, rank)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+        error = f"{type(err).__name__}: {err}"
+    _agree(error, f"preparing checkpoint {partial}")
+
+    try:
+        with _quiet_single_process():
+            dcp.save(_state(model, optimizer), checkpoint_id=partial, no_dist=_no_process_group())
+    # DCP raises CheckpointException (a BaseException) on every rank for any rank's error.
+    except (Exception, dcp.CheckpointException) as err:
+        raise CheckpointSaveError(
+            f"writing checkpoint shards to {partial} failed ({err}). The previous checkpoint is "
+            f"intact: check free disk space and quotas, then relaunch the same command to resume"
+        ) from err
+
+    # Each rank hashes the files it wrote; rank 0 also hashes .metadata and anything else.
+    own = {}
+    for path in [*partial.glob(f"__{rank}_*.distcp"), rank_rng_path(partial, rank)]:
+        own[str(path.relative_to(partial))] = file_digest(path)
+    digests: dict[str, Any] = {}
+    for part in distributed.all_gather_json(own):
+        digests.update(part)
+
+    error = None
+    if distributed.is_writer():
+        try:
+            for path in sorted(p for p in partial.rglob("*") if p.is_file()):
+                relative = str(path.relative_to(partial))
+                if relative not in digests and relative != MANIFEST_NAME:
+                    digests[relative] = file_digest(path)
+            if DCP_METADATA not in digests:
+                raise FileNotFoundError(f"dcp.save left no {DCP_METADATA} in {partial}")
+            manifest.files = digests
+            write_manifest(partial, manifest)
+            fsync_dir(partial / "rng")
+            fsync_dir(partial)
+            partial.rename(final)
+            fsync_dir(final.parent)
+        except OSError as err:
+            error = f"{type(err).__name__}: {err}"
+    _agree(error, f"committing checkpoint {final}")
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model and optimizer state in place from a verified checkpoint. Every rank must call
+    this.
 
     Returns:
         This rank's stored RNG states, to restore with
         :func:`dist_bnn.checkpoint.rng.restore_rng_state` right before training continues.
+
+    Raises:
+        ResumeError: if the model's parameter names differ from the checkpoint's (a parameter
+            added to or removed from the model since the checkpoint was written).
     """
     start = time.perf_counter()
     state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=path, no_dist=_no_process_group())
+    _check_model_keys(path, state["model"])
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path, no_dist=_no_process_group())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_state = load_rank_rng(path, distributed.rank())
     logger.info("loaded checkpoint %s in %.2f s", path, time.perf_counter() - start)
     return rng_state
+
+
+def _check_model_keys(path: Path, model_state: dict[str, Any]) -> None:
+    # DCP's default planner raises for a missing key but silently skips a stored key that the
+    # model no longer has; both mean the code changed under the run, so name them up front.
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    stored = {key[len("model."):] for key in metadata.state_dict_metadata if key.startswith("model.")}
+    expected = set(model_state)
+    missing, unused = sorted(expected - stored), sorted(stored - expected)
+    if missing or unused:
+        parts = []
+        if missing:
+            parts.append(f"the model has parameter(s) missing from the checkpoint: {', '.join(missing)}")
+        if unused:
+            parts.append(f"the checkpoint has parameter(s) the model lacks: {', '.join(unused)}")
+        raise ResumeError(
+            f"checkpoint {path} does not match the model ({'; '.join(parts)}). Resume with the code "
+            f"and model.* settings that wrote it, or start a new run.dir"
+        )
+
+
+def apply_retention(
+    run_dir: Path,
+    keep_last: int | None,
+    keep_best: int,
+    best_metric: str,
+    best_mode: str,
+    protect: set[Path],
+) -> None:
+    """Delete committed checkpoints that no rule keeps. Only rank 0 calls this, after a commit.
+
+    Kept: the ``keep_last`` newest (all when ``None``), the ``keep_best`` best by
+    ``best_metric`` (``best_mode`` ``min`` or ``max``) and every path in ``protect``. The
+    bookkeeping is read from the manifests on disk each time, so it is right after any crash.
+    A checkpoint is renamed to a hidden name before it is deleted, so a crash mid-delete never
+    leaves a half-deleted directory that looks committed.
+    """
+    if keep_last is None:
+        return
+    committed = find_committed(run_dir)
+    keep = {c.path for c in committed[-keep_last:]} | set(protect)
+    if keep_best:
+        rated = [c for c in committed if isinstance(c.manifest.metrics.get(best_metric), (int, float))]
+        rated.sort(key=lambda c: c.manifest.metrics[best_metric], reverse=best_mode == "max")
+        keep |= {c.path for c in rated[:keep_best]}
+    for checkpoint in committed:
+        if checkpoint.path in keep:
+            continue
+        doomed = checkpoint.path.with_name(f"{REMOVING_PREFIX}{checkpoint.path.name}")
+        checkpoint.path.rename(doomed)
+        fsync_dir(doomed.parent)
+        shutil.rmtree(doomed)
+        logger.info(
+            "removed checkpoint %s (checkpoint.keep_last=%s, checkpoint.keep_best=%d)",
+            checkpoint.path,
+            keep_last,
+            keep_best,
+        )

@@ -38,6 +38,11 @@ class Manifest:
     """Number of ranks that wrote the checkpoint."""
     sample_files: list[str]
     """Posterior-sample file names under ``samples/``, oldest first, committed with it."""
+    files: dict[str, dict[str, Any]]
+    """Size and sha256 of every file of the checkpoint directory but this manifest, keyed by
+    path relative to it: ``{"rng/rank_00000.pt": {"size": 1234, "sha256": "..."}}``."""
+    samples: dict[str, dict[str, Any]]
+    """Size and sha256 of every file of ``sample_files``, keyed by file name."""
     wandb_run_id: str
     """W&B run id shared by every launch of this run."""
     config_hash: str
@@ -84,6 +89,14 @@ class Manifest:
                 )
         if any(not isinstance(name, str) for name in data["sample_files"]):
             raise ManifestError(f"{source}: sample_files must be a list of file names")
+        if sorted(data["samples"]) != sorted(data["sample_files"]):
+            raise ManifestError(f"{source}: samples must hold a digest for each of sample_files")
+        for table in ("files", "samples"):
+            for name, entry in data[table].items():
+                if not _is_digest(entry):
+                    raise ManifestError(
+                        f"{source}: {table}[{name!r}] must be {{'size': int, 'sha256': str}}, got {entry!r}"
+                    )
         return cls(**{name: data[name] for name in known if name in data})
 
 
@@ -94,6 +107,8 @@ _FIELD_TYPES: dict[str, Any] = {
     "num_epochs": int,
     "world_size": int,
     "sample_files": list,
+    "files": dict,
+    "samples": dict,
     "wandb_run_id": str,
     "config_hash": str,
     "config": dict,
@@ -102,6 +117,15 @@ _FIELD_TYPES: dict[str, Any] = {
     "final_metrics": (dict, type(None)),
     "created": str,
 }
+
+
+def _is_digest(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("sha256"), str)
+        and len(entry["sha256"]) == 64
+    )
 
 
 def _type_names(kind: Any) -> str:

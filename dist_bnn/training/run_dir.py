@@ -69,16 +69,22 @@ class _PlanError(Exception):
 
 def _plan_run(run_dir: Path, cfg: Config, world_size: int) -> RunPlan:
     identity = _read_identity(run_dir, cfg)
-    checkpoints = manager.find_committed(run_dir)
-    if checkpoints and not cfg.run.resume:
+    directories = manager.checkpoint_dirs(run_dir)
+    if directories and not cfg.run.resume:
         raise _PlanError(
-            f"run.dir={run_dir} already contains {len(checkpoints)} checkpoint(s) and run.resume=false; "
+            f"run.dir={run_dir} already contains {len(directories)} checkpoint(s) and run.resume=false; "
             f"set run.resume=true to continue that run or choose a new run.dir"
         )
 
     plan = RunPlan(run_id=identity["wandb_run_id"] if identity else secrets.token_hex(4))
-    if checkpoints:
-        latest = checkpoints[-1]
+    latest, invalid = manager.select_checkpoint(run_dir, run_dir / SAMPLES_DIR) if directories else (None, [])
+    if directories and latest is None:
+        reasons = "; ".join(f"{path.name}: {reason}" for path, reason in invalid)
+        raise _PlanError(
+            f"run.dir={run_dir} contains {len(directories)} checkpoint(s) but none verifies ({reasons}). "
+            f"Restore the damaged files, or move the checkpoints away to start the run again"
+        )
+    if latest is not None:
         _check_resumable(latest, cfg, world_size)
         plan.resume_path = str(latest.path)
         plan.resume_manifest = latest.manifest
@@ -93,6 +99,9 @@ def _plan_run(run_dir: Path, cfg: Config, world_size: int) -> RunPlan:
         _write_identity(run_dir, cfg, plan.run_id)
     if not plan.complete:
         manager.remove_partial(run_dir)
+        # The resumed run writes new checkpoints under the names of the invalid newer ones.
+        for path, _ in invalid:
+            manager.set_aside(path)
     return plan
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dist_bnn import distributed
-from dist_bnn.checkpoint.files import torch_save_atomic
+from dist_bnn.checkpoint.files import file_digest, torch_save_atomic
 from dist_bnn.errors import SampleConflictError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class SampleStore:
         self.start_epoch = start_epoch
         self.every_epochs = every_epochs
         self.files: list[str] = []
+        # Size and sha256 per file, known on rank 0 only; committed in the manifest.
+        self.digests: dict[str, dict] = {}
 
     def is_due(self, epoch: int) -> bool:
         return epoch >= self.start_epoch and (epoch - self.start_epoch) % self.every_epochs == 0
@@ -68,7 +70,9 @@ class SampleStore:
         if name in self.files:
             raise SampleConflictError(f"sample {name} was already recorded in this run")
         if distributed.is_writer():
-            self._write_file(self.dir / name, tensor_state(model))
+            path = self.dir / name
+            self._write_file(path, tensor_state(model))
+            self.digests[name] = file_digest(path)
         self.files.append(name)
 
     def _write_file(self, path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -85,7 +89,11 @@ class SampleStore:
         torch_save_atomic(path, state)
         logger.debug("wrote sample %s", path)
 
-    def restore(self, files: list[str], epoch: int) -> None:
+    def committed_digests(self) -> dict[str, dict]:
+        """Return the digest of every recorded sample file, for the manifest. Rank 0 only."""
+        return {name: self.digests[name] for name in self.files}
+
+    def restore(self, files: list[str], digests: dict[str, dict], epoch: int) -> None:
         """Adopt a checkpoint's committed sample list and tidy the directory. Every rank calls
         this; only rank 0 touches files.
 
@@ -96,6 +104,7 @@ class SampleStore:
             FileNotFoundError: if a committed sample file is missing.
         """
         self.files = list(files)
+        self.digests = dict(digests)
         if not distributed.is_writer():
             return
         missing = [name for name in self.files if not (self.dir / name).is_file()]

@@ -38,6 +38,10 @@ class Tracker:
         self.metrics_path = run_dir / METRICS_FILE
         self._pending: list[dict[str, Any]] = []
         self._run: Any = None
+        # W&B steps that earlier launches already stored; rows at these steps are not sent
+        # again (a resume from an older checkpoint than the newest trains those epochs again).
+        self._stored: set[int] = set()
+        self._online_floor = 0
 
     def start(self, resumed_epoch: int) -> None:
         """Open the W&B run and cut ``metrics.jsonl`` back to ``resumed_epoch`` (0: fresh)."""
@@ -67,14 +71,18 @@ class Tracker:
         for prefix in ("train", "val", "test"):
             self._run.define_metric(f"{prefix}/*", step_metric="epoch")
         logger.info("W&B run %s (%s mode) in %s", self.run_id, self.cfg.mode, wandb_dir)
+        self._stored = stored
+        if self.cfg.mode == "online":
+            # The server's next step for a resumed run: rows below it are stored there.
+            self._online_floor = int(self._run.step)
         if resumed_epoch > 0:
-            if self.cfg.mode == "online":
-                # The server's next step for a resumed run: rows below it are stored there.
-                stored = set(range(int(self._run.step)))
-            self._log_missing(stored)
+            self._log_missing()
 
-    def _log_missing(self, stored: set[int]) -> None:
-        missing = [row for row in self._read_metrics() if row["iteration"] not in stored]
+    def _is_stored(self, row: dict[str, Any]) -> bool:
+        return row["iteration"] in self._stored or row["iteration"] < self._online_floor
+
+    def _log_missing(self) -> None:
+        missing = [row for row in self._read_metrics() if not self._is_stored(row)]
         for row in missing:
             self._run.log(row, step=row["iteration"])
         if missing:
@@ -105,7 +113,8 @@ class Tracker:
             return
         if self._run is not None:
             for row in self._pending:
-                self._run.log(row, step=row["iteration"])
+                if not self._is_stored(row):
+                    self._run.log(row, step=row["iteration"])
         self._pending.clear()
 
     def summary(self, values: dict[str, Any]) -> None:

@@ -194,7 +194,7 @@ def _restore(engine, model, optimizer, samples, train_loader, plan: RunPlan, cfg
             f"world size as the run that wrote it"
         )
     rng_state = manager.load_checkpoint(Path(plan.resume_path), model, optimizer)
-    samples.restore(manifest.sample_files, manifest.epoch)
+    samples.restore(manifest.sample_files, manifest.samples, manifest.epoch)
     engine.load_state_dict(
         {
             "iteration": manifest.iteration,
@@ -270,6 +270,8 @@ def _end_of_epoch(
             num_epochs=num_epochs,
             world_size=world_size,
             sample_files=list(samples.files),
+            files={},  # filled in by save_checkpoint with the digests of what it wrote
+            samples=samples.committed_digests() if distributed.is_writer() else {},
             wandb_run_id=plan.run_id,
             config_hash=config_hash(cfg),
             config=to_dict(cfg),
@@ -280,6 +282,15 @@ def _end_of_epoch(
         )
         manager.save_checkpoint(run_dir, model, optimizer, manifest)
         tracker.flush()
+        if distributed.is_writer():
+            manager.apply_retention(
+                run_dir,
+                keep_last=cfg.checkpoint.keep_last,
+                keep_best=cfg.checkpoint.keep_best,
+                best_metric=cfg.checkpoint.best_metric,
+                best_mode=cfg.checkpoint.best_mode,
+                protect={Path(plan.resume_path)} if plan.resume_path else set(),
+            )
     if final_metrics is not None:
         tracker.summary(final_metrics)
 
