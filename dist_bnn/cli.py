@@ -1,27 +1,25 @@
-"""Command line: ``dist-bnn train CONFIG.yaml [key=value ...]``.
+"""Command line: ``dist-bnn train CONFIG.yaml [key=value ...]`` and ``dist-bnn evaluate RUN_DIR``.
 
 Exit codes: 0 success (including "run complete, nothing to do"), 2 invalid input (bad config,
-a run directory that cannot be resumed as asked), 1 any other failure.
+a run directory that cannot be resumed as asked or has no committed samples to evaluate), 1 any
+other failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 from dist_bnn import __version__
 from dist_bnn.config import ConfigError, load_config
-from dist_bnn.errors import UsageError
+from dist_bnn.errors import CheckpointSaveError, ReplicaMismatchError, SampleConflictError, UsageError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-
-logger = logging.getLogger("dist_bnn.cli")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -43,19 +41,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[CONFIG.yaml] [key=value ...]",
         help="an optional YAML config file followed by dotted overrides, e.g. sampler.lr=0.01",
     )
-    train.add_argument(
+    _add_log_level(train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="compute test metrics and plots of the Bayesian model average of a run's samples",
+        description="Evaluate the Bayesian model average of the posterior samples committed by "
+        "the newest checkpoint of RUN_DIR on its test split, and write RUN_DIR/eval/metrics.json, "
+        "reliability.png and metrics_vs_samples.png. Launch under torchrun to split the samples "
+        "over several processes. Classification data sets only.",
+    )
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="run.dir of a `dist-bnn train` run")
+    _add_log_level(evaluate)
+    return parser
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level of rank 0; other ranks log warnings and errors only (default: INFO)",
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return _train(args.args, args.log_level)
+    if args.command == "evaluate":
+        return _evaluate(Path(args.run_dir), args.log_level)
     raise AssertionError(f"unhandled command {args.command}")
 
 
@@ -67,24 +82,44 @@ def _train(raw: list[str], log_level: str) -> int:
     try:
         cfg = load_config(config_path, overrides)
     except ConfigError as err:
-        print(f"dist-bnn: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _report(err, EXIT_USAGE)
 
     # Imported here so that `dist-bnn --help` and config errors stay fast.
-    from dist_bnn.logs import setup_logging
     from dist_bnn.training.trainer import train
 
+    _setup_logging(log_level)
+    return _run(lambda: train(cfg, log_level))
+
+
+def _evaluate(run_dir: Path, log_level: str) -> int:
+    from dist_bnn.evaluation.run_evaluation import evaluate_run
+
+    _setup_logging(log_level)
+    return _run(lambda: evaluate_run(run_dir, log_level))
+
+
+def _setup_logging(log_level: str) -> None:
+    from dist_bnn.logs import setup_logging
+
     # Launchers set RANK and WORLD_SIZE before the process group exists, so logging set up now
-    # covers the start too. run_on_rank sets it up again with the group's rank.
+    # covers the start too. The job sets it up again with the group's rank.
     setup_logging(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), log_level)
 
+
+def _run(job: Callable[[], None]) -> int:
+    """Run ``job`` and map the failures a user can act on to an exit code and one message."""
     try:
-        train(cfg, log_level)
-    except UsageError as err:
-        logger.error("%s", err)
-        print(f"dist-bnn: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        job()
+    except (UsageError, NotImplementedError) as err:
+        return _report(err, EXIT_USAGE)
+    except (CheckpointSaveError, SampleConflictError, ReplicaMismatchError) as err:
+        return _report(err, EXIT_FAILURE)
     return EXIT_OK
+
+
+def _report(err: Exception, code: int) -> int:
+    print(f"dist-bnn: error: {err}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

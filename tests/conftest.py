@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +10,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pytest
-import torch
+
+from dist_bnn.testing import first_difference, kill_tree, load_dcp, sample_hashes  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = REPO / "configs" / "digits_sghmc.yaml"
@@ -99,71 +98,16 @@ def run_and_kill(
             process.wait()
 
 
-def kill_tree(root_pid: int) -> None:
-    """SIGKILL ``root_pid`` and every process descended from it.
-
-    torchrun starts its workers in sessions of their own, so killing the launcher's process
-    group would leave the ranks running. The tree is collected before the first kill, because
-    a killed parent's children are re-parented and no longer found.
-    """
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process ended while we looked
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, queue = [], [root_pid]
-    while queue:
-        pid = queue.pop()
-        tree.append(pid)
-        queue.extend(children.get(pid, []))
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def committed(run_dir: Path, epoch: int) -> bool:
     """Return whether the checkpoint of ``epoch`` has its manifest, whatever its iteration."""
     return any((run_dir / "checkpoints").glob(f"epoch{epoch:04d}-iter*/manifest.json"))
-
-
-def sample_hashes(run_dir: Path) -> dict[str, str]:
-    return {
-        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted((run_dir / "samples").glob("*.pt"))
-    }
 
 
 def newest_checkpoint(run_dir: Path) -> Path:
     return sorted(p for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))[-1]
 
 
-def load_dcp(checkpoint: Path, tmp_path: Path) -> dict[str, Any]:
-    """Load every tensor of a DCP checkpoint in this process, with no process group."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    target = tmp_path / f"{checkpoint.parent.parent.name}-{checkpoint.name}.pt"
-    dcp_to_torch_save(checkpoint, target)
-    return torch.load(target, weights_only=True)
-
-
-def assert_same_tree(left: Any, right: Any, where: str = "state") -> None:
+def assert_same_tree(left: Any, right: Any) -> None:
     """Assert two nested dicts/lists of tensors and plain values are bitwise equal."""
-    assert type(left) is type(right), f"{where}: {type(left).__name__} vs {type(right).__name__}"
-    if isinstance(left, dict):
-        assert left.keys() == right.keys(), f"{where}: keys differ"
-        for key in left:
-            assert_same_tree(left[key], right[key], f"{where}.{key}")
-    elif isinstance(left, (list, tuple)):
-        assert len(left) == len(right), f"{where}: lengths differ"
-        for i, (a, b) in enumerate(zip(left, right)):
-            assert_same_tree(a, b, f"{where}[{i}]")
-    elif isinstance(left, torch.Tensor):
-        assert left.dtype == right.dtype, f"{where}: dtype differs"
-        assert left.shape == right.shape, f"{where}: shape differs"
-        assert torch.equal(left, right), f"{where}: values differ"
-    else:
-        assert left == right, f"{where}: {left!r} != {right!r}"
+    difference = first_difference(left, right)
+    assert difference is None, difference

@@ -36,6 +36,7 @@ from dist_bnn.checkpoint.manifest import MANIFEST_NAME, Manifest, ManifestError,
 from dist_bnn.checkpoint.rng import load_rank_rng, rank_rng_path, save_rank_rng
 from dist_bnn.checkpoint.verify import DCP_METADATA, InvalidCheckpoint, verify_checkpoint
 from dist_bnn.errors import CheckpointSaveError, ResumeError
+from dist_bnn.faults import pause_point
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ def _write_and_commit(
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
         error = f"{type(err).__name__}: {err}"
     _agree(error, f"preparing checkpoint {partial}")
+    pause_point("rng", rank)
 
     try:
         with _quiet_single_process():
@@ -225,6 +227,8 @@ def _write_and_commit(
             f"writing checkpoint shards to {partial} failed ({err}). The previous checkpoint is "
             f"intact: check free disk space and quotas, then relaunch the same command to resume"
         ) from err
+
+    pause_point("shards", rank)
 
     # Each rank hashes the files it wrote; rank 0 also hashes .metadata and anything else.
     own = {}
@@ -247,8 +251,10 @@ def _write_and_commit(
             write_manifest(partial, manifest)
             fsync_dir(partial / "rng")
             fsync_dir(partial)
+            pause_point("manifest", rank)
             partial.rename(final)
             fsync_dir(final.parent)
+            pause_point("commit", rank)
         except OSError as err:
             error = f"{type(err).__name__}: {err}"
     _agree(error, f"committing checkpoint {final}")

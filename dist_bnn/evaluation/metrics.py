@@ -1,6 +1,13 @@
-"""Classification metrics accumulated as sums, so shards on several ranks add up exactly."""
+"""Classification metrics: sums that add up over data shards, and metrics of a whole set.
+
+:class:`ClassificationSums` accumulates accuracy and NLL over the data shards of several ranks.
+:func:`classification_metrics` computes accuracy, NLL, ECE and Brier score from the log
+predictive probabilities of a whole evaluation set held by one rank.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -31,3 +38,97 @@ class ClassificationSums:
         if count == 0:
             raise ValueError("no examples were evaluated")
         return {"accuracy": correct / count, "nll": nll / count, "count": int(count)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics of a whole evaluation set, from log predictive probabilities
+
+ECE_NUM_BINS = 15
+"""Number of equal-width confidence bins over [0, 1] for the expected calibration error."""
+
+
+@dataclass
+class CalibrationBins:
+    """Counts and sums per confidence bin. Bin ``b`` of ``M`` covers ``(b/M, (b+1)/M]``.
+
+    The confidence of a prediction is its largest predictive probability. Confidences in
+    ``[0, 1/M]`` fall into bin 0.
+    """
+
+    counts: torch.Tensor
+    """``[M]`` int64, number of examples per bin."""
+    confidence_sums: torch.Tensor
+    """``[M]`` float64, sum of the confidences of the examples in each bin."""
+    correct_sums: torch.Tensor
+    """``[M]`` float64, number of correctly classified examples in each bin."""
+
+    @property
+    def num_bins(self) -> int:
+        return len(self.counts)
+
+    def expected_calibration_error(self) -> float:
+        """Return the binned expected calibration error
+        ``sum_b (n_b / n) |accuracy_b - mean confidence_b|`` over ``n`` examples."""
+        total = int(self.counts.sum())
+        if total == 0:
+            raise ValueError("no examples in the calibration bins")
+        # n_b * |accuracy_b - confidence_b| = |correct_b - confidence_sum_b|, so empty bins add 0.
+        return float((self.correct_sums - self.confidence_sums).abs().sum()) / total
+
+
+def calibration_bins(
+    log_probs: torch.Tensor, targets: torch.Tensor, num_bins: int = ECE_NUM_BINS
+) -> CalibrationBins:
+    """Bin examples by confidence.
+
+    Args:
+        log_probs: ``[examples, classes]`` log predictive probabilities.
+        targets: ``[examples]`` class indices.
+        num_bins: number of equal-width bins over [0, 1].
+    """
+    max_log_prob, predicted = log_probs.double().max(dim=1)
+    confidence = max_log_prob.exp()
+    correct = (predicted == targets).double()
+
+    # With right=False, bucketize puts x into bin b when edges[b] < x <= edges[b + 1].
+    edges = torch.linspace(0.0, 1.0, num_bins + 1, dtype=torch.float64, device=log_probs.device)
+    bins = torch.bucketize(confidence, edges[1:-1], right=False)
+
+    zeros = torch.zeros(num_bins, dtype=torch.float64, device=log_probs.device)
+    return CalibrationBins(
+        counts=torch.bincount(bins, minlength=num_bins).cpu(),
+        confidence_sums=zeros.index_add(0, bins, confidence).cpu(),
+        correct_sums=zeros.index_add(0, bins, correct).cpu(),
+    )
+
+
+def brier_score(log_probs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Return the mean over examples of ``sum_c (p_c - onehot_c)^2``, in [0, 2].
+
+    Args:
+        log_probs: ``[examples, classes]`` log predictive probabilities.
+        targets: ``[examples]`` class indices.
+    """
+    probs = log_probs.double().exp()
+    onehot = torch.nn.functional.one_hot(targets, num_classes=probs.shape[1]).double()
+    return float(((probs - onehot) ** 2).sum(dim=1).mean())
+
+
+def classification_metrics(log_probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Return accuracy, mean NLL, ECE (15 bins) and Brier score of one set of predictions.
+
+    Args:
+        log_probs: ``[examples, classes]`` log predictive probabilities, for example of a
+            Bayesian model average; each row must log-sum-exp to 0.
+        targets: ``[examples]`` class indices.
+    """
+    if len(targets) == 0:
+        raise ValueError("no examples to evaluate")
+    log_probs = log_probs.double()
+    nll = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return {
+        "accuracy": float((log_probs.argmax(dim=1) == targets).double().mean()),
+        "nll": float(nll.mean()),
+        "ece": calibration_bins(log_probs, targets).expected_calibration_error(),
+        "brier": brier_score(log_probs, targets),
+    }

@@ -82,6 +82,9 @@ def run_on_rank(local_rank: int, cfg: Config, log_level: str) -> None:
         job.engine.run(job.train_loader, max_epochs=cfg.training.num_epochs)
     finally:
         job.tracker.finish()
+    # Leave together: a rank that tears down its gloo group while rank 0 still closes W&B was
+    # seen to abort ("terminate called without an active exception") on torch 2.13.
+    distributed.barrier()
 
 
 def _report_complete(run_dir: Path, plan: RunPlan) -> None:
