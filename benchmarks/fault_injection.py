@@ -1,9 +1,8 @@
 """Kill a small 2-rank job at random moments, relaunch it, and compare with an uninterrupted run.
 
-Each trial launches the job, SIGKILLs every process of it (launcher and ranks) either after a
-random delay or while a checkpoint save is paused at a chosen phase (``DIST_BNN_PAUSE_AT``),
-relaunches the same command, repeats for 1 to ``--max-kills`` kills and lets the last launch
-finish. The finished run must equal the uninterrupted one: sample files bitwise, final model and
+Each trial launches the job and SIGKILLs every process of it (launcher and ranks), either after
+a random delay or while a checkpoint save is paused at a chosen phase (``DIST_BNN_PAUSE_AT``).
+It relaunches the same command for 1 to ``--max-kills`` kills and lets the last launch finish. The finished run must equal the uninterrupted one: sample files bitwise, final model and
 optimizer bitwise, each epoch exactly once in ``metrics.jsonl`` and in the W&B offline history.
 
     python benchmarks/fault_injection.py --trials 30         # prints "30/30 equal"
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 from dist_bnn.faults import PAUSE_AT_ENV, PAUSE_MARKER_ENV, PHASES
-from dist_bnn.testing import compare_runs, kill_tree
+from dist_bnn.testing import compare_runs, job_environment, kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = [
@@ -45,21 +44,6 @@ def command(run_dir: Path, nproc: int) -> list[str]:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
         "-m", "dist_bnn", "train", *JOB, f"run.dir={run_dir}",
     ]
-
-
-def job_env(root: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        WANDB_SILENT="true",
-        WANDB_CACHE_DIR=str(root / "wandb-cache"),
-        WANDB_CONFIG_DIR=str(root / "wandb-config"),
-        WANDB_DATA_DIR=str(root / "wandb-data"),
-        GLOO_SOCKET_IFNAME="lo",
-        OMP_NUM_THREADS="1",
-    )
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", PAUSE_AT_ENV):
-        env.pop(name, None)
-    return env
 
 
 def run_to_end(run_dir: Path, nproc: int, env: dict[str, str], log: Path) -> None:
@@ -118,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dist-bnn-faults-") as scratch:
         root = args.workdir or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
-        env = job_env(root)
+        env = job_environment(root)
+        env.pop(PAUSE_AT_ENV, None)
         reference = root / "reference"
         start = time.monotonic()
         run_to_end(reference, args.nproc, env, root / "reference.log")

@@ -1,8 +1,8 @@
 """Command line: ``dist-bnn train CONFIG.yaml [key=value ...]`` and ``dist-bnn evaluate RUN_DIR``.
 
 Exit codes: 0 success (including "run complete, nothing to do"), 2 invalid input (bad config,
-a run directory that cannot be resumed as asked or has no committed samples to evaluate), 1 any
-other failure.
+a run directory that cannot be resumed as asked or has no committed samples to evaluate), 75
+preempted by a signal after saving a checkpoint (relaunch to resume), 1 any other failure.
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ from typing import Callable, Sequence
 
 from dist_bnn import __version__
 from dist_bnn.config import ConfigError, load_config
-from dist_bnn.errors import CheckpointSaveError, ReplicaMismatchError, SampleConflictError, UsageError
+from dist_bnn.errors import (
+    PREEMPTED_EXIT_CODE,
+    CheckpointSaveError,
+    Preempted,
+    ReplicaMismatchError,
+    SampleConflictError,
+    UsageError,
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -114,6 +121,8 @@ def _run(job: Callable[[], None]) -> int:
         return _report(err, EXIT_USAGE)
     except (CheckpointSaveError, SampleConflictError, ReplicaMismatchError) as err:
         return _report(err, EXIT_FAILURE)
+    except Preempted as err:
+        return _report(err, PREEMPTED_EXIT_CODE)
     return EXIT_OK
 
 

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import math
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -117,6 +118,9 @@ class CheckpointConfig:
     ``val/accuracy`` or ``train/loss``."""
     best_mode: str = "min"
     """``min`` if a smaller ``checkpoint.best_metric`` is better, ``max`` if a larger one is."""
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that ask for a checkpoint at the next iteration and an exit with code 75; an
+    empty list leaves every signal's default action."""
 
 
 @dataclass
@@ -361,6 +365,9 @@ def validate(cfg: Config) -> None:
     _at_least("checkpoint.keep_best", cfg.checkpoint.keep_best, 0)
     _choice("checkpoint.best_metric", cfg.checkpoint.best_metric, BEST_METRICS)
     _choice("checkpoint.best_mode", cfg.checkpoint.best_mode, BEST_MODES)
+    catchable = sorted(s.name for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP))
+    for i, name in enumerate(cfg.checkpoint.preempt_signals):
+        _choice(f"checkpoint.preempt_signals[{i}]", name, catchable)
     if cfg.checkpoint.keep_best and cfg.checkpoint.keep_last is None:
         raise ConfigError(
             f"checkpoint.keep_best={cfg.checkpoint.keep_best} has no effect while "
@@ -387,7 +394,8 @@ def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
 def _at_least(key: str, value: float, minimum: float) -> None:
     # Written as "not >=" so that NaN is rejected too.
     if not value >= minimum or math.isinf(value):
-        raise ConfigError(f"{key}={value!r} is invalid; allowed: finite {key} >= {minimum:g}")
+        finite = "finite " if isinstance(value, float) else ""
+        raise ConfigError(f"{key}={value!r} is invalid; allowed: {finite}{key} >= {minimum:g}")
 
 
 def _positive(key: str, value: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -95,17 +96,43 @@ def build_train_loader(
     :func:`attach_sampler_epoch` so each epoch draws a new order.
     """
     batch_size = per_rank_batch_size(global_batch_size, world_size)
-    sampler = DistributedSampler(
+    sampler = ResumableDistributedSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
     )
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True)
+    # The order comes from the sampler's seed and epoch. The loader gets a generator of its own
+    # because each iteration of a DataLoader draws a seed from its generator: from the global
+    # one, a resume inside an epoch (one extra iteration) would shift the checkpointed RNG state.
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, generator=torch.Generator()
+    )
     if len(loader) == 0:
         raise UsageError(
             f"data.batch_size={global_batch_size} is larger than the training split "
-            f"({len(dataset)} examples over {world_size} ranks), so an epoch has no step; "
+            f"({len(dataset)} examples over {world_size} rank(s)), so an epoch has no step; "
             f"lower data.batch_size"
         )
     return loader
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` that can skip the examples already consumed in a resumed epoch.
+
+    A resume inside an epoch must continue with the next batch of that epoch's order, not
+    replay its first batches: Ignite restores the iteration counter but iterates a fresh loader.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._skip = 0
+
+    def skip_next(self, num_examples: int) -> None:
+        """Drop the first ``num_examples`` of this rank's indices in the next iteration only."""
+        self._skip = num_examples
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self._skip = self._skip, 0
+        return iter(indices[skip:])
 
 
 def attach_sampler_epoch(engine: Engine, loader: DataLoader) -> None:
@@ -145,4 +172,6 @@ class ShardSampler(Sampler[int]):
 def build_eval_loader(dataset: TensorDataset, batch_size: int, world_size: int, rank: int) -> DataLoader:
     """Build this rank's loader over a disjoint, unpadded shard of ``dataset`` in fixed order."""
     sampler = ShardSampler(len(dataset), world_size, rank)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    # A generator of its own: iterating a DataLoader draws a seed from its generator, and the
+    # global one belongs to the checkpointed RNG state, which evaluation must leave untouched.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=torch.Generator())

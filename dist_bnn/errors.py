@@ -19,3 +19,12 @@ class ReplicaMismatchError(RuntimeError):
 
 class CheckpointSaveError(RuntimeError):
     """A checkpoint that could not be written; the previous committed checkpoint is intact."""
+
+
+# EX_TEMPFAIL from BSD sysexits.h: a temporary failure, the caller may retry. Job scripts
+# requeue on it (see launch/slurm.sbatch).
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+    """Training stopped after a preemption signal, with a checkpoint at the stop."""

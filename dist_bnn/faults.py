@@ -1,7 +1,7 @@
 """Fault-injection hook: pause a checkpoint save at a named phase so a harness can kill it there.
 
-Set ``DIST_BNN_PAUSE_AT=<phase>[:<n>]`` to pause at the n-th time (default 1st) any rank reaches
-``<phase>``; rank 0 then creates the file named by ``DIST_BNN_PAUSE_MARKER`` and every rank
+Set ``DIST_BNN_PAUSE_AT=<phase>[:<n>]`` to pause the n-th time (default 1st) a rank reaches
+``<phase>``. Rank 0 then creates the file named by ``DIST_BNN_PAUSE_MARKER``, and every rank
 that reached the phase sleeps until it is killed. Without ``DIST_BNN_PAUSE_AT`` the hook costs
 one dictionary lookup. Phases, in save order: ``rng`` (RNG files written), ``shards`` (DCP
 shards and .metadata written), ``manifest`` (manifest written, directory not yet renamed),

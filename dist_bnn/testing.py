@@ -19,6 +19,25 @@ from dist_bnn.checkpoint.manager import checkpoint_dirs
 from dist_bnn.training.wandb_offline import history_rows, offline_runs
 
 
+def job_environment(root: Path) -> dict[str, str]:
+    """Return the environment for a launched job: W&B files under ``root``, gloo on loopback,
+    one thread per rank, and none of a surrounding launcher's rank variables."""
+    values = dict(os.environ)
+    wandb_home = root / "wandb-home"
+    values.update(
+        WANDB_SILENT="true",
+        WANDB_CACHE_DIR=str(wandb_home / "cache"),
+        WANDB_CONFIG_DIR=str(wandb_home / "config"),
+        WANDB_DATA_DIR=str(wandb_home / "data"),
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_MODE"):
+        values.pop(name, None)
+    return values
+
+
 def kill_tree(root_pid: int) -> None:
     """SIGKILL ``root_pid`` and every process descended from it (Linux ``/proc``).
 

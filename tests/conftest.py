@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from typing import Any, Callable, Sequence
 import pytest
 
 from dist_bnn.testing import first_difference, kill_tree, load_dcp, sample_hashes  # noqa: F401
+from dist_bnn.testing import job_environment as make_env
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = REPO / "configs" / "digits_sghmc.yaml"
@@ -27,24 +27,6 @@ LAUNCH_TIMEOUT_S = 240
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     return make_env(tmp_path)
-
-
-def make_env(root: Path) -> dict[str, str]:
-    """Environment of a launched job: W&B files under ``root``, gloo on loopback, one thread."""
-    values = dict(os.environ)
-    wandb_home = root / "wandb-home"
-    values.update(
-        WANDB_SILENT="true",
-        WANDB_CACHE_DIR=str(wandb_home / "cache"),
-        WANDB_CONFIG_DIR=str(wandb_home / "config"),
-        WANDB_DATA_DIR=str(wandb_home / "data"),
-        GLOO_SOCKET_IFNAME="lo",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_MODE"):
-        values.pop(name, None)
-    return values
 
 
 def train_command(args: Sequence[str], nproc: int | None = None, launcher_args: Sequence[str] = ()) -> list[str]:

@@ -125,6 +125,16 @@ def test_relaunch_after_damage_finishes_equal(finished, damaged, tmp_path):
     assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
 
 
+def test_finished_run_relogs_lost_wandb_rows(finished, damaged):
+    # A kill right after the last commit can leave W&B without rows; here they are all lost.
+    for path in offline_runs(damaged / "wandb"):
+        (next(path.glob("run-*.wandb"))).write_bytes(b":W&B\xe1\xbe\x00")
+    result = run_ok(train_command(job(damaged)), finished["env"])
+    assert "run complete" in result.stderr
+    rows = [row for path in offline_runs(damaged / "wandb") for row in history_rows(path)]
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+
+
 def test_no_valid_checkpoint_is_an_error(finished, damaged):
     for path in manager.checkpoint_dirs(damaged):
         (path / "manifest.json").unlink()

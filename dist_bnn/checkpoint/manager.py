@@ -165,7 +165,11 @@ def _agree(error: str | None, what: str) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, manifest: Manifest
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    manifest: Manifest,
+    rank_extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write, verify-stamp and commit one checkpoint. Every rank must call this.
 
@@ -174,6 +178,8 @@ def save_checkpoint(
         model: the (possibly DDP-wrapped) model; DCP stores plain parameter names.
         optimizer: the sampler, whose state includes the shared noise generator.
         manifest: progress to commit, with ``files`` left empty; only rank 0's copy is written.
+        rank_extra: tensors that differ per rank (a running loss sum, say), stored with this
+            rank's RNG states and returned by :func:`load_checkpoint` under ``"extra"``.
 
     Returns:
         The committed checkpoint directory.
@@ -189,7 +195,7 @@ def save_checkpoint(
     final = root / name
     partial = root / f"{PARTIAL_PREFIX}{name}"
     try:
-        _write_and_commit(partial, final, rank, model, optimizer, manifest)
+        _write_and_commit(partial, final, rank, model, optimizer, manifest, rank_extra)
     except CheckpointSaveError:
         if distributed.is_writer():
             shutil.rmtree(partial, ignore_errors=True)
@@ -205,14 +211,20 @@ def save_checkpoint(
 
 
 def _write_and_commit(
-    partial: Path, final: Path, rank: int, model: nn.Module, optimizer: torch.optim.Optimizer, manifest: Manifest
+    partial: Path,
+    final: Path,
+    rank: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    manifest: Manifest,
+    rank_extra: dict[str, torch.Tensor] | None,
 ) -> None:
     error = None
     try:
         if final.exists():
             raise FileExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
         partial.mkdir(parents=True, exist_ok=True)
-        save_rank_rng(partial, rank)
+        save_rank_rng(partial, rank, rank_extra)
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
         error = f"{type(err).__name__}: {err}"
     _agree(error, f"preparing checkpoint {partial}")
@@ -266,7 +278,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
     Returns:
         This rank's stored RNG states, to restore with
-        :func:`dist_bnn.checkpoint.rng.restore_rng_state` right before training continues.
+        :func:`dist_bnn.checkpoint.rng.restore_rng_state` right before training continues, and
+        under ``"extra"`` the ``rank_extra`` tensors given to :func:`save_checkpoint`.
 
     Raises:
         ResumeError: if the model's parameter names differ from the checkpoint's (a parameter
@@ -285,7 +298,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def _check_model_keys(path: Path, model_state: dict[str, Any]) -> None:
     # DCP's default planner raises for a missing key but silently skips a stored key that the
-    # model no longer has; both mean the code changed under the run, so name them up front.
+    # model no longer has. Both mean the code changed under the run, so name them up front.
     metadata = dcp.FileSystemReader(path).read_metadata()
     stored = {key[len("model."):] for key in metadata.state_dict_metadata if key.startswith("model.")}
     expected = set(model_state)

@@ -87,10 +87,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_rank_rng(checkpoint_dir: Path, rank: int) -> None:
+def save_rank_rng(checkpoint_dir: Path, rank: int, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write this rank's RNG states and ``extra`` per-rank tensors (stored under ``"extra"``)."""
     path = rank_rng_path(checkpoint_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch_save_atomic(path, capture_rng_state())
+    state = capture_rng_state()
+    state["extra"] = dict(extra or {})
+    torch_save_atomic(path, state)
 
 
 def load_rank_rng(checkpoint_dir: Path, rank: int) -> dict[str, Any]:

@@ -29,12 +29,14 @@ RUN_FILE = "run.json"
 @dataclass
 class RunPlan:
     """Plan of this launch (fresh start, resume or nothing to do), decided by rank 0 and
-    broadcast to every rank."""
+    broadcast to every rank. Deciding writes nothing but the clean-up of interrupted saves."""
 
     run_id: str = ""
     resume_path: str | None = None
     resume_manifest: Manifest | None = None
     complete: bool = False
+    new_run: bool = False
+    """Whether ``run.json`` is still to be written, once the job is built without error."""
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -85,18 +87,19 @@ def _plan_run(run_dir: Path, cfg: Config, world_size: int) -> RunPlan:
             f"Restore the damaged files, or move the checkpoints away to start the run again"
         )
     if latest is not None:
-        _check_resumable(latest, cfg, world_size)
         plan.resume_path = str(latest.path)
         plan.resume_manifest = latest.manifest
-        plan.complete = latest.manifest.epoch == cfg.training.num_epochs
+        at_epoch_end = latest.manifest.iteration == latest.manifest.epoch * latest.manifest.epoch_length
+        plan.complete = at_epoch_end and latest.manifest.epoch == cfg.training.num_epochs
+        if not plan.complete:  # a finished run needs no particular world size
+            _check_resumable(latest, cfg, world_size)
         if latest.manifest.wandb_run_id != plan.run_id:
             raise _PlanError(
                 f"checkpoint {latest.path} belongs to W&B run {latest.manifest.wandb_run_id} but "
                 f"{run_dir / RUN_FILE} names {plan.run_id}; the run directory mixes two runs"
             )
 
-    if identity is None:
-        _write_identity(run_dir, cfg, plan.run_id)
+    plan.new_run = identity is None
     if not plan.complete:
         manager.remove_partial(run_dir)
         # The resumed run writes new checkpoints under the names of the invalid newer ones.
@@ -137,7 +140,8 @@ def _read_identity(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
     return identity
 
 
-def _write_identity(run_dir: Path, cfg: Config, run_id: str) -> None:
+def write_identity(run_dir: Path, cfg: Config, run_id: str) -> None:
+    """Write ``run.json`` for a new run. Only rank 0 calls this, once the job is built."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         run_dir / RUN_FILE,
@@ -154,8 +158,10 @@ def _check_resumable(latest: manager.CommittedCheckpoint, cfg: Config, world_siz
             f"has {world_size}; relaunch with {manifest.world_size} processes (resuming on another "
             f"world size is not supported yet)"
         )
-    if cfg.training.num_epochs < manifest.epoch:
+    # A checkpoint inside an epoch needs that epoch to be part of the run.
+    started = -(-manifest.iteration // manifest.epoch_length)
+    if cfg.training.num_epochs < started:
         raise _PlanError(
-            f"training.num_epochs={cfg.training.num_epochs} is smaller than the {manifest.epoch} "
-            f"epochs already trained in {latest.path}; use training.num_epochs >= {manifest.epoch}"
+            f"training.num_epochs={cfg.training.num_epochs} is smaller than the {started} "
+            f"epochs already trained in {latest.path}; use training.num_epochs >= {started}"
         )

@@ -128,7 +128,7 @@ class SampleStore:
             epoch = sample_epoch(path.name)
             if epoch is not None and epoch > after_epoch and path.name not in self.files:
                 logger.info(
-                    "removing uncommitted sample %s (newer than the checkpoint of epoch %d; the "
+                    "removing sample %s, newer than the resumed checkpoint of epoch %d (the "
                     "resumed run writes it again)",
                     path,
                     after_epoch,

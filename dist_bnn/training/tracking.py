@@ -78,6 +78,23 @@ class Tracker:
         if resumed_epoch > 0:
             self._log_missing()
 
+    def repair_finished(self, final_epoch: int, final_metrics: dict[str, Any] | None) -> None:
+        """Log the committed rows that earlier launches of a finished run did not store.
+
+        A launch killed right after its last checkpoint can lose its W&B rows while the run is
+        complete, so a relaunch trains nothing. Offline mode only: it reads what is stored on
+        disk and opens W&B only when rows are missing. Only rank 0 acts.
+        """
+        if not distributed.is_writer() or self.cfg.mode != "offline":
+            return
+        stored = stored_steps(self.run_dir / "wandb", self.run_id)
+        if all(row["iteration"] in stored for row in self._read_metrics()):
+            return
+        self.start(final_epoch)
+        if final_metrics:
+            self.summary(final_metrics)
+        self.finish()
+
     def _is_stored(self, row: dict[str, Any]) -> bool:
         return row["iteration"] in self._stored or row["iteration"] < self._online_floor
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,8 @@ from dist_bnn.evaluation.bma import evaluate_bma, evaluate_weights
 from dist_bnn.logs import setup_logging
 from dist_bnn.models import MLP
 from dist_bnn.samplers import build_sampler
-from dist_bnn.training.run_dir import RunPlan, plan_run
+from dist_bnn.training.preemption import Preempted, PreemptionFlag
+from dist_bnn.training.run_dir import RunPlan, plan_run, write_identity
 from dist_bnn.training.samples import SampleStore, unwrap
 from dist_bnn.training.tracking import Tracker
 
@@ -56,7 +56,12 @@ def train(cfg: Config, log_level: str = "INFO") -> None:
 
 
 def run_on_rank(local_rank: int, cfg: Config, log_level: str) -> None:
-    """Train on this rank. Every rank must call this (``idist.Parallel.run`` does)."""
+    """Train on this rank. Every rank must call this (``idist.Parallel.run`` does).
+
+    Raises:
+        ResumeError: on every rank, if the run directory cannot be resumed as asked.
+        Preempted: on every rank, after a preemption signal and the checkpoint it asked for.
+    """
     rank, world_size = distributed.rank(), distributed.world_size()
     setup_logging(rank, world_size, log_level)
     run_dir = Path(cfg.run.dir)
@@ -75,16 +80,26 @@ def run_on_rank(local_rank: int, cfg: Config, log_level: str) -> None:
         raise ResumeError(plan.error)
     if plan.complete:
         _report_complete(run_dir, plan)
+        manifest = plan.resume_manifest
+        Tracker(run_dir, cfg.wandb, plan.run_id, to_dict(cfg)).repair_finished(manifest.epoch, manifest.final_metrics)
         return
 
-    job = _build_job(cfg, run_dir, plan)
+    job = TrainingJob(cfg, run_dir, plan)
+    job.preemption.install()
     try:
         job.engine.run(job.train_loader, max_epochs=cfg.training.num_epochs)
     finally:
+        job.preemption.uninstall()
         job.tracker.finish()
     # Leave together: a rank that tears down its gloo group while rank 0 still closes W&B was
     # seen to abort ("terminate called without an active exception") on torch 2.13.
     distributed.barrier()
+    if job.preempted_checkpoint is not None:
+        raise Preempted(
+            f"stopped after {job.preemption.received} at iteration {job.engine.state.iteration}; "
+            f"checkpoint {job.preempted_checkpoint} is committed. Relaunch the same command to "
+            f"resume from it"
+        )
 
 
 def _report_complete(run_dir: Path, plan: RunPlan) -> None:
@@ -108,113 +123,254 @@ def _report_complete(run_dir: Path, plan: RunPlan) -> None:
         )
 
 
-@dataclass
-class _Job:
-    engine: Engine
-    train_loader: torch.utils.data.DataLoader
-    tracker: Tracker
+class TrainingJob:
+    """The engine, model, sampler and run records of one launch. Build on every rank.
 
+    Construction restores the newest checkpoint when the plan names one; RNG states are set
+    last, after everything that draws from them.
+    """
 
-def _build_job(cfg: Config, run_dir: Path, plan: RunPlan) -> _Job:
-    rank, world_size = distributed.rank(), distributed.world_size()
-    device = idist.device()
-    seed = cfg.training.seed
+    def __init__(self, cfg: Config, run_dir: Path, plan: RunPlan) -> None:
+        self.cfg, self.run_dir, self.plan = cfg, run_dir, plan
+        self.device = idist.device()
+        self.preempted_checkpoint: Path | None = None
+        self._build_data()
+        self._build_model()
+        self.samples = SampleStore(run_dir, cfg.samples.start_epoch, cfg.samples.every_epochs)
+        self.tracker = Tracker(run_dir, cfg.wandb, plan.run_id, to_dict(cfg))
+        self.engine = self._build_engine()
+        self.preemption = PreemptionFlag(cfg.checkpoint.preempt_signals, lambda: self.engine.state.iteration)
+        self._stop_after_epoch = False
+        # Everything above may reject the request (a batch size that does not fit, say); only
+        # now does a new run leave its first file.
+        if plan.new_run and distributed.is_writer():
+            write_identity(run_dir, cfg, plan.run_id)
 
-    # Data: the split and every epoch's order depend on the seed only, never on the rank count
-    # of a previous launch.
-    splits = load_splits(cfg.data, seed)
-    train_loader = build_train_loader(
-        splits.train, cfg.data.batch_size, world_size, rank, cfg.data.shuffle, seed
-    )
-    val_loader = build_eval_loader(splits.val, cfg.data.eval_batch_size, world_size, rank)
-    test_loader = build_eval_loader(splits.test, cfg.data.eval_batch_size, world_size, rank)
+        if plan.resume_manifest is not None:
+            restore_rng_state(self._restore())
+            resumed_epoch = plan.resume_manifest.epoch
+        else:
+            if distributed.is_writer():
+                self.samples.remove_uncommitted(after_epoch=0)
+            seed_rank_rngs(cfg.training.seed, distributed.rank())
+            resumed_epoch = 0
+        self.tracker.start(resumed_epoch)
 
-    # Model and sampler: the same initial weights and the same noise seed on every rank.
-    torch.manual_seed(derive_seed(seed, _MODEL_INIT_STREAM))
-    model = idist.auto_model(
-        MLP(splits.num_features, cfg.model.hidden_sizes, splits.num_classes, cfg.model.activation)
-    )
-    optimizer = build_sampler(
-        cfg.sampler, model.parameters(), num_data=len(splits.train),
-        noise_seed=derive_seed(seed, _NOISE_STREAM),
-    )
-
-    samples = SampleStore(run_dir, cfg.samples.start_epoch, cfg.samples.every_epochs)
-    tracker = Tracker(run_dir, cfg.wandb, plan.run_id, to_dict(cfg))
-    engine = _build_engine(model, optimizer, device)
-    attach_sampler_epoch(engine, train_loader)
-
-    # Restore, or start fresh. RNG states are set last, after everything that draws from them.
-    if plan.resume_manifest is not None:
-        rng_state = _restore(engine, model, optimizer, samples, train_loader, plan, cfg)
-        restore_rng_state(rng_state)
-        resumed_epoch = plan.resume_manifest.epoch
-    else:
+        self.engine.add_event_handler(Events.ITERATION_COMPLETED, self._check_preemption)
+        self.engine.add_event_handler(Events.EPOCH_COMPLETED, self._end_of_epoch)
         if distributed.is_writer():
-            samples.remove_uncommitted(after_epoch=0)
-        seed_rank_rngs(seed, rank)
-        resumed_epoch = 0
-    tracker.start(resumed_epoch)
+            # TODO(logs): Ignite's bar redraws every iteration, which fills a log file that is
+            # not a terminal; a per-epoch log line for non-terminals would read better.
+            ProgressBar(persist=True).attach(self.engine)
 
-    def end_of_epoch(engine: Engine) -> None:
-        _end_of_epoch(engine, cfg, run_dir, plan, model, optimizer, samples, tracker, val_loader, test_loader, device)
+    # -----------------------------------------------------------------------------------------
+    # Construction
 
-    engine.add_event_handler(Events.EPOCH_COMPLETED, end_of_epoch)
-    if distributed.is_writer():
-        ProgressBar(persist=True).attach(engine)
-    return _Job(engine, train_loader, tracker)
-
-
-def _build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> Engine:
-    def step(engine: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        model.train()
-        features, targets = batch[0].to(device), batch[1].to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(features), targets)
-        # DDP averages the gradients over ranks inside backward(), so step() below receives
-        # the gradient of the mean loss over the global batch and draws the shared noise after it.
-        loss.backward()
-        optimizer.step()
-        # Accumulated on the device and read once per epoch: no host sync per iteration.
-        engine.state.loss_sum += loss.detach()
-
-    engine = Engine(step)
-
-    @engine.on(Events.EPOCH_STARTED)
-    def _reset_loss(engine: Engine) -> None:
-        engine.state.loss_sum = torch.zeros((), device=device)
-
-    return engine
-
-
-def _restore(engine, model, optimizer, samples, train_loader, plan: RunPlan, cfg: Config) -> dict[str, Any]:
-    manifest = plan.resume_manifest
-    assert manifest is not None and plan.resume_path is not None
-    if manifest.epoch_length != len(train_loader):
-        raise ResumeError(
-            f"checkpoint {plan.resume_path} has {manifest.epoch_length} iterations per epoch but "
-            f"this launch has {len(train_loader)}; resume with the same data.batch_size and "
-            f"world size as the run that wrote it"
+    def _build_data(self) -> None:
+        # The split and every epoch's order depend on the seed only, not on the rank count of
+        # a previous launch.
+        cfg, rank, world_size = self.cfg, distributed.rank(), distributed.world_size()
+        self.splits = load_splits(cfg.data, cfg.training.seed)
+        self.train_loader = build_train_loader(
+            self.splits.train, cfg.data.batch_size, world_size, rank, cfg.data.shuffle, cfg.training.seed
         )
-    rng_state = manager.load_checkpoint(Path(plan.resume_path), model, optimizer)
-    samples.restore(manifest.sample_files, manifest.samples, manifest.epoch)
-    engine.load_state_dict(
-        {
-            "iteration": manifest.iteration,
-            "epoch_length": manifest.epoch_length,
-            "max_epochs": cfg.training.num_epochs,
+        self.val_loader = build_eval_loader(self.splits.val, cfg.data.eval_batch_size, world_size, rank)
+        self.test_loader = build_eval_loader(self.splits.test, cfg.data.eval_batch_size, world_size, rank)
+
+    def _build_model(self) -> None:
+        # The same initial weights and the same noise seed on every rank.
+        cfg, splits = self.cfg, self.splits
+        torch.manual_seed(derive_seed(cfg.training.seed, _MODEL_INIT_STREAM))
+        self.model = idist.auto_model(
+            MLP(splits.num_features, cfg.model.hidden_sizes, splits.num_classes, cfg.model.activation)
+        )
+        self.optimizer = build_sampler(
+            cfg.sampler, self.model.parameters(), num_data=len(splits.train),
+            noise_seed=derive_seed(cfg.training.seed, _NOISE_STREAM),
+        )
+
+    def _build_engine(self) -> Engine:
+        model, optimizer, device = self.model, self.optimizer, self.device
+
+        def step(engine: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+            model.train()
+            features, targets = batch[0].to(device), batch[1].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(features), targets)
+            # DDP averages the gradients over ranks inside backward(), so step() below receives
+            # the gradient of the mean loss over the global batch and draws the shared noise
+            # after it.
+            loss.backward()
+            optimizer.step()
+            # Accumulated on the device and read once per epoch: no host sync per iteration.
+            engine.state.loss_sum += loss.detach()
+
+        engine = Engine(step)
+        attach_sampler_epoch(engine, self.train_loader)
+        self._restored_loss_sum: torch.Tensor | None = None
+
+        @engine.on(Events.EPOCH_STARTED)
+        def _reset_loss(engine: Engine) -> None:
+            # A resume inside an epoch continues the sum of the batches done before the stop.
+            restored, self._restored_loss_sum = self._restored_loss_sum, None
+            engine.state.loss_sum = torch.zeros((), device=device) if restored is None else restored
+
+        return engine
+
+    def _restore(self) -> dict[str, Any]:
+        """Load the planned checkpoint and set trainer.state; return this rank's RNG states."""
+        manifest, path = self.plan.resume_manifest, Path(str(self.plan.resume_path))
+        assert manifest is not None
+        if manifest.epoch_length != len(self.train_loader):
+            raise ResumeError(
+                f"checkpoint {path} has {manifest.epoch_length} iterations per epoch but this "
+                f"launch has {len(self.train_loader)}; resume with the same data.batch_size and "
+                f"world size as the run that wrote it"
+            )
+        rng_state = manager.load_checkpoint(path, self.model, self.optimizer)
+        self.samples.restore(manifest.sample_files, manifest.samples, manifest.epoch)
+        self.engine.load_state_dict(
+            {
+                "iteration": manifest.iteration,
+                "epoch_length": manifest.epoch_length,
+                "max_epochs": self.cfg.training.num_epochs,
+            }
+        )
+        _check_identical_state(self.engine)
+
+        consumed = manifest.iteration - manifest.epoch * manifest.epoch_length
+        if consumed:
+            # Inside an epoch: skip the batches already trained, keep their loss sum.
+            self.train_loader.sampler.skip_next(consumed * self.train_loader.batch_size)
+            self._restored_loss_sum = rng_state["extra"]["loss_sum"].to(self.device)
+        logger.info(
+            "resumed from %s: epoch=%d iteration=%d world_size=%d (identical on all %d ranks)%s",
+            path,
+            self.engine.state.epoch,
+            self.engine.state.iteration,
+            distributed.world_size(),
+            distributed.world_size(),
+            f"; continuing epoch {manifest.epoch + 1} at batch {consumed + 1}" if consumed else "",
+        )
+        return rng_state
+
+    # -----------------------------------------------------------------------------------------
+    # Event handlers
+
+    def _check_preemption(self, engine: Engine) -> None:
+        """Stop every rank at this iteration if any rank was signalled. Every rank runs this."""
+        if not self.preemption.requested_anywhere(self.device):
+            return
+        if engine.state.iteration % engine.state.epoch_length == 0:
+            self._stop_after_epoch = True  # the epoch's own bookkeeping and checkpoint come first
+            return
+        self.preempted_checkpoint = self._save(completed_epochs=engine.state.epoch - 1, metrics={}, preempted=True)
+        engine.terminate()
+
+    def _end_of_epoch(self, engine: Engine) -> None:
+        """Per-epoch bookkeeping, in an order that keeps every record consistent after a kill.
+
+        Metrics, then the sample file, then the checkpoint that commits both, then W&B.
+        """
+        cfg, epoch = self.cfg, engine.state.epoch
+        num_epochs = cfg.training.num_epochs
+        row = self._epoch_metrics(engine)
+        self.tracker.record_epoch(row)
+        logger.debug("epoch %d: %s", epoch, _format(row))
+
+        if self.samples.is_due(epoch):
+            self.samples.write(epoch, self.model)
+
+        final_metrics = None
+        if epoch == num_epochs:
+            final_metrics = self._evaluate_bma()
+
+        metrics = {k: v for k, v in row.items() if k not in ("epoch", "iteration")}
+        if epoch % cfg.checkpoint.every_epochs == 0 or epoch == num_epochs or self._stop_after_epoch:
+            saved = self._save(
+                completed_epochs=epoch, metrics=metrics, final_metrics=final_metrics,
+                preempted=self._stop_after_epoch,
+            )
+            if self._stop_after_epoch and epoch < num_epochs:
+                self.preempted_checkpoint = saved
+                engine.terminate()
+        if final_metrics is not None:
+            self.tracker.summary(final_metrics)
+
+    def _epoch_metrics(self, engine: Engine) -> dict[str, Any]:
+        # Training loss: the mean over all ranks' batches of this epoch.
+        loss_sum = distributed.all_reduce_sum(engine.state.loss_sum.double()).item()
+        row: dict[str, Any] = {
+            "epoch": engine.state.epoch,
+            "iteration": engine.state.iteration,
+            "train/loss": loss_sum / (engine.state.epoch_length * distributed.world_size()),
         }
-    )
-    _check_identical_state(engine)
-    logger.info(
-        "resumed from %s: epoch=%d iteration=%d world_size=%d (identical on all %d ranks)",
-        plan.resume_path,
-        engine.state.epoch,
-        engine.state.iteration,
-        distributed.world_size(),
-        distributed.world_size(),
-    )
-    return rng_state
+        every = self.cfg.training.validate_every_epochs
+        if every and engine.state.epoch % every == 0:
+            val = evaluate_weights(unwrap(self.model), self.val_loader, self.device)
+            row.update({"val/accuracy": val["accuracy"], "val/nll": val["nll"]})
+        return row
+
+    def _evaluate_bma(self) -> dict[str, float]:
+        """Test metrics of the Bayesian model average, stored in the last epoch's manifest."""
+        distributed.barrier()  # rank 0 has written the last sample file
+        bma = evaluate_bma(copy.deepcopy(unwrap(self.model)), self.samples.paths(), self.test_loader, self.device)
+        final_metrics = {f"test/{k}": v for k, v in bma.items()}
+        logger.info("test metrics of the Bayesian model average: %s", _format(final_metrics))
+        return final_metrics
+
+    def _save(
+        self,
+        completed_epochs: int,
+        metrics: dict[str, float],
+        final_metrics: dict[str, float] | None = None,
+        preempted: bool = False,
+    ) -> Path:
+        """Commit a checkpoint at the current iteration, then send W&B its rows and prune old
+        checkpoints. Every rank must call this."""
+        cfg, state = self.cfg, self.engine.state
+        check_replicas(self.model)
+
+        manifest = Manifest(
+            epoch=completed_epochs,
+            iteration=state.iteration,
+            epoch_length=state.epoch_length,
+            num_epochs=cfg.training.num_epochs,
+            world_size=distributed.world_size(),
+            sample_files=list(self.samples.files),
+            files={},  # filled in by save_checkpoint with the digests of what it wrote
+            samples=self.samples.committed_digests() if distributed.is_writer() else {},
+            wandb_run_id=self.plan.run_id,
+            config_hash=config_hash(cfg),
+            config=to_dict(cfg),
+            versions={"torch": torch.__version__, "pytorch-ignite": ignite.__version__, "dist_bnn": dist_bnn.__version__},
+            metrics=metrics,
+            final_metrics=final_metrics,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        )
+        # Kept in its own dtype: continuing a float32 sum in float64 would change the epoch's loss.
+        extra = {"loss_sum": state.loss_sum.detach().cpu()}
+        path = manager.save_checkpoint(self.run_dir, self.model, self.optimizer, manifest, rank_extra=extra)
+
+        self.tracker.flush()
+        if distributed.is_writer():
+            manager.apply_retention(
+                self.run_dir,
+                keep_last=cfg.checkpoint.keep_last,
+                keep_best=cfg.checkpoint.keep_best,
+                best_metric=cfg.checkpoint.best_metric,
+                best_mode=cfg.checkpoint.best_mode,
+                protect={Path(self.plan.resume_path)} if self.plan.resume_path else set(),
+            )
+        if preempted:
+            logger.warning(
+                "preemption: %s arrived at iteration %s; saved checkpoint %s at iteration %d",
+                self.preemption.received or "a signal on another rank",
+                self.preemption.received_at_iteration,
+                path,
+                state.iteration,
+            )
+        return path
 
 
 def _check_identical_state(engine: Engine) -> None:
@@ -223,79 +379,6 @@ def _check_identical_state(engine: Engine) -> None:
     states = distributed.all_gather_ints(local)
     if any(state != states[0] for state in states):
         raise RuntimeError(f"ranks restored different trainer states (epoch, iteration, epoch_length): {states}")
-
-
-def _end_of_epoch(
-    engine: Engine, cfg: Config, run_dir: Path, plan: RunPlan, model, optimizer,
-    samples: SampleStore, tracker: Tracker, val_loader, test_loader, device: torch.device,
-) -> None:
-    """Per-epoch bookkeeping, in an order that keeps every record consistent after a kill.
-
-    Metrics, then the sample file, then the checkpoint that commits both, then W&B.
-    """
-    epoch, iteration = engine.state.epoch, engine.state.iteration
-    num_epochs = cfg.training.num_epochs
-    world_size = distributed.world_size()
-
-    # 1. Metrics. Training loss: mean over all ranks' batches of this epoch.
-    loss_sum = distributed.all_reduce_sum(engine.state.loss_sum.double()).item()
-    row: dict[str, Any] = {
-        "epoch": epoch,
-        "iteration": iteration,
-        "train/loss": loss_sum / (engine.state.epoch_length * world_size),
-    }
-    every = cfg.training.validate_every_epochs
-    if every and epoch % every == 0:
-        val = evaluate_weights(unwrap(model), val_loader, device)
-        row.update({"val/accuracy": val["accuracy"], "val/nll": val["nll"]})
-    tracker.record_epoch(row)
-    logger.debug("epoch %d: %s", epoch, _format(row))
-
-    # 2. Posterior sample, named by the true epoch.
-    if samples.is_due(epoch):
-        samples.write(epoch, model)
-
-    # 3. Test metrics of the Bayesian model average after the last epoch, stored in its manifest.
-    final_metrics = None
-    if epoch == num_epochs:
-        distributed.barrier()  # rank 0 has written the last sample file
-        bma = evaluate_bma(copy.deepcopy(unwrap(model)), samples.paths(), test_loader, device)
-        final_metrics = {f"test/{k}": v for k, v in bma.items()}
-        logger.info("test metrics of the Bayesian model average: %s", _format(final_metrics))
-
-    # 4. Checkpoint, committing the sample list; then W&B, which must never see an epoch twice.
-    if epoch % cfg.checkpoint.every_epochs == 0 or epoch == num_epochs:
-        check_replicas(model)
-        manifest = Manifest(
-            epoch=epoch,
-            iteration=iteration,
-            epoch_length=engine.state.epoch_length,
-            num_epochs=num_epochs,
-            world_size=world_size,
-            sample_files=list(samples.files),
-            files={},  # filled in by save_checkpoint with the digests of what it wrote
-            samples=samples.committed_digests() if distributed.is_writer() else {},
-            wandb_run_id=plan.run_id,
-            config_hash=config_hash(cfg),
-            config=to_dict(cfg),
-            versions={"torch": torch.__version__, "pytorch-ignite": ignite.__version__, "dist_bnn": dist_bnn.__version__},
-            metrics={k: v for k, v in row.items() if k not in ("epoch", "iteration")},
-            final_metrics=final_metrics,
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        )
-        manager.save_checkpoint(run_dir, model, optimizer, manifest)
-        tracker.flush()
-        if distributed.is_writer():
-            manager.apply_retention(
-                run_dir,
-                keep_last=cfg.checkpoint.keep_last,
-                keep_best=cfg.checkpoint.keep_best,
-                best_metric=cfg.checkpoint.best_metric,
-                best_mode=cfg.checkpoint.best_mode,
-                protect={Path(plan.resume_path)} if plan.resume_path else set(),
-            )
-    if final_metrics is not None:
-        tracker.summary(final_metrics)
 
 
 def _format(values: dict[str, Any]) -> str:
