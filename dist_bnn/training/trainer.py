@@ -276,7 +276,7 @@ class TrainingJob:
         num_epochs = cfg.training.num_epochs
         row = self._epoch_metrics(engine)
         self.tracker.record_epoch(row)
-        logger.debug("epoch %d: %s", epoch, _format(row))
+        logger.info("epoch %d/%d: %s", epoch, num_epochs, _format(row))
 
         if self.samples.is_due(epoch):
             self.samples.write(epoch, self.model)
