@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import (
     DIGITS_CONFIG,
+    load_dcp,
     SMALL_JOB,
     committed,
     run,
@@ -18,6 +20,9 @@ from conftest import (
     sample_hashes,
     train_command,
 )
+
+from dist_bnn.checkpoint.manager import checkpoint_dirs
+from dist_bnn.checkpoint.replicas import tree_fingerprint
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 
@@ -115,9 +120,42 @@ def test_accelerate_launch_resumes_exactly(tmp_path, env):
     assert sample_hashes(b) == sample_hashes(reference)
 
 
-def test_other_world_size_is_rejected(tmp_path, env):
+def restored_fingerprint(stderr: str) -> int:
+    return int(re.search(r"restored state fingerprint ([0-9a-f]{16})", stderr).group(1), 16)
+
+
+def newest(run_dir: Path) -> Path:
+    return checkpoint_dirs(run_dir)[-1]
+
+
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (2, 4), (1, 2)], ids=["2-to-1", "2-to-4", "1-to-2"])
+def test_world_size_change_resumes(first, second, tmp_path, env):
     run_dir = tmp_path / "run"
-    run_ok(train_command([*resumable_job(run_dir), "training.num_epochs=2"], nproc=2), env)
-    result = run(train_command([*resumable_job(run_dir), "training.num_epochs=4"]), env)
-    assert result.returncode == 2
-    assert "was written by 2 rank(s) but this launch has 1" in result.stderr
+    args = ["--log-level", "DEBUG", *resumable_job(run_dir)]
+    run_ok(train_command([*args, "training.num_epochs=2"], nproc=first if first > 1 else None), env)
+    saved = newest(run_dir)
+    expected = tree_fingerprint(load_dcp(saved))
+
+    result = run_ok(train_command([*args, "training.num_epochs=3"], nproc=second if second > 1 else None), env)
+    assert f"resuming a checkpoint of world size {first} on world size {second}" in result.stderr
+    assert restored_fingerprint(result.stderr) == expected  # model and sampler state as saved
+    manifest = json.loads((newest(run_dir) / "manifest.json").read_text())
+    assert manifest["epoch"] == 3
+    assert manifest["world_size"] == second
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    iterations = [row["iteration"] for row in rows]
+    assert iterations == sorted(iterations)
+
+
+def test_world_size_change_inside_epoch_rejected(tmp_path, env):
+    run_dir = tmp_path / "run"
+    run_ok(train_command([*resumable_job(run_dir), "training.num_epochs=2"]), env)
+    # Relabel the last checkpoint as if a preemption had stopped it inside epoch 3.
+    manifest_file = newest(run_dir) / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["iteration"] += 1
+    manifest_file.write_text(json.dumps(manifest))
+    result = run(train_command([*resumable_job(run_dir), "training.num_epochs=4"], nproc=2), env)
+    assert result.returncode != 0
+    assert "was saved inside epoch 3" in result.stderr

@@ -272,12 +272,17 @@ def _write_and_commit(
     _agree(error, f"committing checkpoint {final}")
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, load_rng: bool = True
+) -> dict[str, Any] | None:
     """Load model and optimizer state in place from a verified checkpoint. Every rank must call
     this.
 
+    DCP reshards on load, so the checkpoint may come from another world size; pass
+    ``load_rng=False`` then, because the per-rank RNG files belong to the old ranks.
+
     Returns:
-        This rank's stored RNG states, to restore with
+        This rank's stored RNG states (``None`` with ``load_rng=False``), to restore with
         :func:`dist_bnn.checkpoint.rng.restore_rng_state` right before training continues, and
         under ``"extra"`` the ``rank_extra`` tensors given to :func:`save_checkpoint`.
 
@@ -291,7 +296,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=path, no_dist=_no_process_group())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng_state = load_rank_rng(path, distributed.rank())
+    rng_state = load_rank_rng(path, distributed.rank()) if load_rng else None
     logger.info("loaded checkpoint %s in %.2f s", path, time.perf_counter() - start)
     return rng_state
 

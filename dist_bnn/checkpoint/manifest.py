@@ -51,6 +51,10 @@ class Manifest:
     """The full resolved configuration."""
     versions: dict[str, str]
     """Versions of torch, pytorch-ignite and dist_bnn that wrote it."""
+    iteration_offset: int = 0
+    """``iteration`` minus Ignite's own iteration counter. Nonzero after a resume on another
+    world size changed ``epoch_length``: the run's iteration count then keeps growing from
+    where it was, so W&B steps never go back."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Metrics of the last completed epoch (training loss, validation accuracy and NLL)."""
     final_metrics: dict[str, float] | None = None
@@ -62,6 +66,15 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def engine_iteration(self) -> int:
+        """Ignite's iteration counter at the checkpoint."""
+        return self.iteration - self.iteration_offset
+
+    @property
+    def at_epoch_end(self) -> bool:
+        return self.engine_iteration == self.epoch * self.epoch_length
 
     @classmethod
     def from_json(cls, data: Any, source: str) -> "Manifest":
@@ -104,6 +117,7 @@ _FIELD_TYPES: dict[str, Any] = {
     "epoch": int,
     "iteration": int,
     "epoch_length": int,
+    "iteration_offset": int,
     "num_epochs": int,
     "world_size": int,
     "sample_files": list,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,27 @@ def parameter_fingerprint(model: nn.Module) -> int:
         tensor = param.detach().to("cpu").contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
+
+
+def tree_fingerprint(tree: Any) -> int:
+    """Return a 63-bit hash of every tensor in a nested dict/list, with its key path, shape and
+    dtype. Other values (hyper-parameters, parameter names) are ignored."""
+    digest = hashlib.sha256()
+
+    def visit(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key in sorted(node, key=str):
+                visit(node[key], f"{path}.{key}")
+        elif isinstance(node, (list, tuple)):
+            for i, item in enumerate(node):
+                visit(item, f"{path}[{i}]")
+        elif isinstance(node, torch.Tensor):
+            tensor = node.detach().to("cpu").contiguous()
+            digest.update(f"{path}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+
+    visit(tree, "")
     return int.from_bytes(digest.digest()[:8], "little") >> 1
 
 

@@ -30,9 +30,10 @@ def derive_seed(seed: int, *stream: int) -> int:
     return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0])
 
 
-def seed_rank_rngs(seed: int, rank: int) -> None:
-    """Seed the global torch, numpy and python RNGs of this rank from ``(seed, rank)``."""
-    rank_seed = derive_seed(seed, 2, rank)
+def seed_rank_rngs(seed: int, rank: int, epoch: int | None = None) -> None:
+    """Seed the global torch, numpy and python RNGs of this rank from ``(seed, rank)``, or from
+    ``(seed, rank, epoch)`` when a resume on another world size cannot restore them."""
+    rank_seed = derive_seed(seed, 2, rank) if epoch is None else derive_seed(seed, 3, rank, epoch)
     torch.manual_seed(rank_seed)
     np.random.seed(rank_seed)
     random.seed(rank_seed)

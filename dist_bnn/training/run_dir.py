@@ -89,8 +89,7 @@ def _plan_run(run_dir: Path, cfg: Config, world_size: int) -> RunPlan:
     if latest is not None:
         plan.resume_path = str(latest.path)
         plan.resume_manifest = latest.manifest
-        at_epoch_end = latest.manifest.iteration == latest.manifest.epoch * latest.manifest.epoch_length
-        plan.complete = at_epoch_end and latest.manifest.epoch == cfg.training.num_epochs
+        plan.complete = latest.manifest.at_epoch_end and latest.manifest.epoch == cfg.training.num_epochs
         if not plan.complete:  # a finished run needs no particular world size
             _check_resumable(latest, cfg, world_size)
         if latest.manifest.wandb_run_id != plan.run_id:
@@ -152,14 +151,15 @@ def write_identity(run_dir: Path, cfg: Config, run_id: str) -> None:
 
 def _check_resumable(latest: manager.CommittedCheckpoint, cfg: Config, world_size: int) -> None:
     manifest = latest.manifest
-    if manifest.world_size != world_size:
+    if manifest.world_size != world_size and not manifest.at_epoch_end:
         raise _PlanError(
-            f"checkpoint {latest.path} was written by {manifest.world_size} rank(s) but this launch "
-            f"has {world_size}; relaunch with {manifest.world_size} processes (resuming on another "
-            f"world size is not supported yet)"
+            f"checkpoint {latest.path} was saved inside epoch {manifest.epoch + 1} (after a "
+            f"preemption) by {manifest.world_size} rank(s); this launch has {world_size}. "
+            f"Relaunch with {manifest.world_size} processes to finish that epoch, since a change "
+            f"of world size is possible at epoch boundaries only"
         )
     # A checkpoint inside an epoch needs that epoch to be part of the run.
-    started = -(-manifest.iteration // manifest.epoch_length)
+    started = -(-manifest.engine_iteration // manifest.epoch_length)
     if cfg.training.num_epochs < started:
         raise _PlanError(
             f"training.num_epochs={cfg.training.num_epochs} is smaller than the {started} "

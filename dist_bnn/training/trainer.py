@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
 import dist_bnn
 from dist_bnn import distributed
 from dist_bnn.checkpoint import manager
 from dist_bnn.checkpoint.manifest import Manifest
-from dist_bnn.checkpoint.replicas import check_replicas
-from dist_bnn.checkpoint.rng import derive_seed, restore_rng_state, seed_rank_rngs
+from dist_bnn.checkpoint.replicas import check_replicas, tree_fingerprint
+from dist_bnn.checkpoint.rng import capture_rng_state, derive_seed, restore_rng_state, seed_rank_rngs
 from dist_bnn.config import Config, config_hash, to_dict
 from dist_bnn.data import attach_sampler_epoch, build_eval_loader, build_train_loader, load_splits
 from dist_bnn.errors import ResumeError
@@ -96,7 +97,7 @@ def run_on_rank(local_rank: int, cfg: Config, log_level: str) -> None:
     distributed.barrier()
     if job.preempted_checkpoint is not None:
         raise Preempted(
-            f"stopped after {job.preemption.received} at iteration {job.engine.state.iteration}; "
+            f"stopped after {job.preemption.received} at iteration {job.iteration}; "
             f"checkpoint {job.preempted_checkpoint} is committed. Relaunch the same command to "
             f"resume from it"
         )
@@ -139,7 +140,8 @@ class TrainingJob:
         self.samples = SampleStore(run_dir, cfg.samples.start_epoch, cfg.samples.every_epochs)
         self.tracker = Tracker(run_dir, cfg.wandb, plan.run_id, to_dict(cfg))
         self.engine = self._build_engine()
-        self.preemption = PreemptionFlag(cfg.checkpoint.preempt_signals, lambda: self.engine.state.iteration)
+        self.iteration_offset = 0
+        self.preemption = PreemptionFlag(cfg.checkpoint.preempt_signals, lambda: self.iteration)
         self._stop_after_epoch = False
         # Everything above may reject the request (a batch size that does not fit, say); only
         # now does a new run leave its first file.
@@ -221,24 +223,33 @@ class TrainingJob:
         """Load the planned checkpoint and set trainer.state; return this rank's RNG states."""
         manifest, path = self.plan.resume_manifest, Path(str(self.plan.resume_path))
         assert manifest is not None
-        if manifest.epoch_length != len(self.train_loader):
+        same_world = manifest.world_size == distributed.world_size()
+        if same_world and manifest.epoch_length != len(self.train_loader):
             raise ResumeError(
                 f"checkpoint {path} has {manifest.epoch_length} iterations per epoch but this "
-                f"launch has {len(self.train_loader)}; resume with the same data.batch_size and "
-                f"world size as the run that wrote it"
+                f"launch has {len(self.train_loader)}; resume with the same data.batch_size as "
+                f"the run that wrote it"
             )
-        rng_state = manager.load_checkpoint(path, self.model, self.optimizer)
+        rng_state = manager.load_checkpoint(path, self.model, self.optimizer, load_rng=same_world)
         self.samples.restore(manifest.sample_files, manifest.samples, manifest.epoch)
-        self.engine.load_state_dict(
-            {
-                "iteration": manifest.iteration,
-                "epoch_length": manifest.epoch_length,
-                "max_epochs": self.cfg.training.num_epochs,
-            }
-        )
+        if same_world:
+            self.iteration_offset = manifest.iteration_offset
+            self.engine.load_state_dict(
+                {
+                    "iteration": manifest.engine_iteration,
+                    "epoch_length": manifest.epoch_length,
+                    "max_epochs": self.cfg.training.num_epochs,
+                }
+            )
+        else:
+            rng_state = self._restore_on_new_world_size(manifest, path)
         _check_identical_state(self.engine)
+        logger.debug(
+            "restored state fingerprint %016x",
+            tree_fingerprint(dict(zip(("model", "optim"), get_state_dict(self.model, self.optimizer)))),
+        )
 
-        consumed = manifest.iteration - manifest.epoch * manifest.epoch_length
+        consumed = manifest.engine_iteration - manifest.epoch * manifest.epoch_length
         if consumed:
             # Inside an epoch: skip the batches already trained, keep their loss sum.
             self.train_loader.sampler.skip_next(consumed * self.train_loader.batch_size)
@@ -247,12 +258,46 @@ class TrainingJob:
             "resumed from %s: epoch=%d iteration=%d world_size=%d (identical on all %d ranks)%s",
             path,
             self.engine.state.epoch,
-            self.engine.state.iteration,
+            self.iteration,
             distributed.world_size(),
             distributed.world_size(),
             f"; continuing epoch {manifest.epoch + 1} at batch {consumed + 1}" if consumed else "",
         )
         return rng_state
+
+    def _restore_on_new_world_size(self, manifest: Manifest, path: Path) -> dict[str, Any]:
+        """Set trainer.state for a checkpoint written at another world size; return new RNG
+        states derived from (seed, rank, epoch).
+
+        Rule: the run continues at the next epoch boundary with the new loader's epoch_length.
+        Its iteration count continues from the checkpoint's (``iteration_offset`` bridges the
+        two epoch lengths), so W&B steps never go back.
+        """
+        # plan_run rejects a checkpoint inside an epoch on another world size.
+        assert manifest.at_epoch_end
+        epoch_length = len(self.train_loader)
+        self.engine.load_state_dict(
+            {"epoch": manifest.epoch, "epoch_length": epoch_length, "max_epochs": self.cfg.training.num_epochs}
+        )
+        self.iteration_offset = manifest.iteration - self.engine.state.iteration
+        logger.warning(
+            "resuming a checkpoint of world size %d on world size %d: model and sampler state "
+            "were resharded, per-rank RNG states were derived anew from (seed, rank, epoch) and "
+            "epoch_length is %d (was %d), so the run is no longer bitwise equal to one that kept "
+            "%d ranks",
+            manifest.world_size,
+            distributed.world_size(),
+            epoch_length,
+            manifest.epoch_length,
+            manifest.world_size,
+        )
+        seed_rank_rngs(self.cfg.training.seed, distributed.rank(), epoch=manifest.epoch)
+        return capture_rng_state()
+
+    @property
+    def iteration(self) -> int:
+        """The run's iteration count: Ignite's counter plus :attr:`iteration_offset`."""
+        return self.engine.state.iteration + self.iteration_offset
 
     # -----------------------------------------------------------------------------------------
     # Event handlers
@@ -302,7 +347,7 @@ class TrainingJob:
         loss_sum = distributed.all_reduce_sum(engine.state.loss_sum.double()).item()
         row: dict[str, Any] = {
             "epoch": engine.state.epoch,
-            "iteration": engine.state.iteration,
+            "iteration": self.iteration,
             "train/loss": loss_sum / (engine.state.epoch_length * distributed.world_size()),
         }
         every = self.cfg.training.validate_every_epochs
@@ -333,7 +378,8 @@ class TrainingJob:
 
         manifest = Manifest(
             epoch=completed_epochs,
-            iteration=state.iteration,
+            iteration=self.iteration,
+            iteration_offset=self.iteration_offset,
             epoch_length=state.epoch_length,
             num_epochs=cfg.training.num_epochs,
             world_size=distributed.world_size(),
@@ -368,7 +414,7 @@ class TrainingJob:
                 self.preemption.received or "a signal on another rank",
                 self.preemption.received_at_iteration,
                 path,
-                state.iteration,
+                self.iteration,
             )
         return path
 
