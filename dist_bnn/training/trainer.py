@@ -220,7 +220,8 @@ class TrainingJob:
         return engine
 
     def _restore(self) -> dict[str, Any]:
-        """Load the planned checkpoint and set trainer.state; return this rank's RNG states."""
+        """Load the planned checkpoint and set trainer.state; return this rank's RNG states.
+        Every rank must call this."""
         manifest, path = self.plan.resume_manifest, Path(str(self.plan.resume_path))
         assert manifest is not None
         same_world = manifest.world_size == distributed.world_size()
@@ -314,6 +315,7 @@ class TrainingJob:
 
     def _end_of_epoch(self, engine: Engine) -> None:
         """Per-epoch bookkeeping, in an order that keeps every record consistent after a kill.
+        Every rank must call this (Ignite does, at EPOCH_COMPLETED).
 
         Metrics, then the sample file, then the checkpoint that commits both, then W&B.
         """
@@ -343,6 +345,7 @@ class TrainingJob:
             self.tracker.summary(final_metrics)
 
     def _epoch_metrics(self, engine: Engine) -> dict[str, Any]:
+        """Return the epoch's row of metrics. Every rank must call this."""
         # Training loss: the mean over all ranks' batches of this epoch.
         loss_sum = distributed.all_reduce_sum(engine.state.loss_sum.double()).item()
         row: dict[str, Any] = {
@@ -357,7 +360,8 @@ class TrainingJob:
         return row
 
     def _evaluate_bma(self) -> dict[str, float]:
-        """Test metrics of the Bayesian model average, stored in the last epoch's manifest."""
+        """Return the test metrics of the Bayesian model average, stored in the last epoch's
+        manifest. Every rank must call this."""
         distributed.barrier()  # rank 0 has written the last sample file
         bma = evaluate_bma(copy.deepcopy(unwrap(self.model)), self.samples.paths(), self.test_loader, self.device)
         final_metrics = {f"test/{k}": v for k, v in bma.items()}
