@@ -8,6 +8,7 @@ preempted by a signal after saving a checkpoint (relaunch to resume), 1 any othe
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -60,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("run_dir", metavar="RUN_DIR", help="run.dir of a `dist-bnn train` run")
     _add_log_level(evaluate)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="list a run directory's checkpoints and what relaunching the run would do",
+        description="List every checkpoint of RUN_DIR (committed, invalid with the reason, "
+        "partial) with epoch, iteration, world size, samples and size, and say what the next "
+        "`dist-bnn train` launch on it would do. Needs no process group and no GPU; writes "
+        "nothing.",
+    )
+    inspect.add_argument("run_dir", metavar="RUN_DIR", help="run.dir of a `dist-bnn train` run")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -78,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _train(args.args, args.log_level)
     if args.command == "evaluate":
         return _evaluate(Path(args.run_dir), args.log_level)
+    if args.command == "inspect":
+        return _inspect(Path(args.run_dir), args.json)
     raise AssertionError(f"unhandled command {args.command}")
 
 
@@ -103,6 +117,23 @@ def _evaluate(run_dir: Path, log_level: str) -> int:
 
     _setup_logging(log_level)
     return _run(lambda: evaluate_run(run_dir, log_level))
+
+
+def _inspect(run_dir: Path, as_json: bool) -> int:
+    from dist_bnn.checkpoint.inspect import format_report, inspect_run
+    from dist_bnn.training.run_dir import RUN_FILE
+    from dist_bnn.training.samples import SAMPLES_DIR
+
+    run_file = run_dir / RUN_FILE
+    try:
+        num_epochs = json.loads(run_file.read_text())["config"]["training"]["num_epochs"]
+    except FileNotFoundError:
+        return _report(UsageError(f"{run_file} not found, so {run_dir} is not a dist_bnn run directory"), EXIT_USAGE)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return _report(UsageError(f"{run_file} is unreadable ({err})"), EXIT_USAGE)
+    report = inspect_run(run_dir, run_dir / SAMPLES_DIR, num_epochs)
+    print(json.dumps(report.to_json(), indent=2) if as_json else format_report(report))
+    return EXIT_OK
 
 
 def _setup_logging(log_level: str) -> None:
