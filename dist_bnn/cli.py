@@ -72,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("run_dir", metavar="RUN_DIR", help="run.dir of a `dist-bnn train` run")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    export = commands.add_parser(
+        "export",
+        help="write a checkpoint's model weights to one .pt or .safetensors file",
+        description="Write the model weights of CHECKPOINT (a directory under RUN_DIR/checkpoints) "
+        "to OUT, as .pt or .safetensors by its suffix, with plain parameter names. The file is "
+        "read back and compared with the checkpoint; the exit code is non-zero whenever no "
+        "verified file was written. Needs no process group and no GPU.",
+    )
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory")
+    export.add_argument("out", metavar="OUT", help="output file, ending in .pt or .safetensors")
     return parser
 
 
@@ -92,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _evaluate(Path(args.run_dir), args.log_level)
     if args.command == "inspect":
         return _inspect(Path(args.run_dir), args.json)
+    if args.command == "export":
+        return _export(Path(args.checkpoint), Path(args.out))
     raise AssertionError(f"unhandled command {args.command}")
 
 
@@ -133,6 +146,22 @@ def _inspect(run_dir: Path, as_json: bool) -> int:
         return _report(UsageError(f"{run_file} is unreadable ({err})"), EXIT_USAGE)
     report = inspect_run(run_dir, run_dir / SAMPLES_DIR, num_epochs)
     print(json.dumps(report.to_json(), indent=2) if as_json else format_report(report))
+    return EXIT_OK
+
+
+def _export(checkpoint: Path, out: Path) -> int:
+    from dist_bnn.checkpoint.export import export_model
+
+    if not checkpoint.is_dir():
+        return _report(UsageError(f"checkpoint directory {checkpoint} not found"), EXIT_USAGE)
+    try:
+        tensors = export_model(checkpoint, out)
+    except UsageError as err:
+        return _report(err, EXIT_USAGE)
+    except (OSError, RuntimeError) as err:
+        return _report(err, EXIT_FAILURE)
+    size = out.stat().st_size
+    print(f"wrote {len(tensors)} tensors ({size} bytes) to {out}; read back equal to {checkpoint}")
     return EXIT_OK
 
 

@@ -9,12 +9,12 @@ import hashlib
 import json
 import os
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dist_bnn.checkpoint.export import load_all
 from dist_bnn.checkpoint.manager import checkpoint_dirs
 from dist_bnn.training.wandb_offline import history_rows, offline_runs
 
@@ -74,12 +74,7 @@ def sample_hashes(run_dir: Path) -> dict[str, str]:
 
 def load_dcp(checkpoint: Path) -> dict[str, Any]:
     """Load every tensor and value of a DCP checkpoint in this process, with no process group."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as scratch:
-        target = Path(scratch) / "state.pt"
-        dcp_to_torch_save(checkpoint, target)
-        return torch.load(target, weights_only=True)
+    return load_all(checkpoint)
 
 
 def first_difference(left: Any, right: Any, where: str = "state") -> str | None:
