@@ -1,8 +1,11 @@
-"""Command line: ``dist-bnn train CONFIG.yaml [key=value ...]`` and ``dist-bnn evaluate RUN_DIR``.
+"""Command line: ``dist-bnn train``, ``evaluate``, ``inspect`` and ``export`` (see ``--help``).
 
-Exit codes: 0 success (including "run complete, nothing to do"), 2 invalid input (bad config,
-a run directory that cannot be resumed as asked or has no committed samples to evaluate), 75
-preempted by a signal after saving a checkpoint (relaunch to resume), 1 any other failure.
+Exit codes:
+    0   success, including "run complete, nothing to do"
+    1   any other failure
+    2   invalid input: a bad config, or a run directory that cannot be resumed as asked or has
+        no committed samples to evaluate
+    75  preempted by a signal after saving a checkpoint; relaunch to resume
 """
 
 from __future__ import annotations

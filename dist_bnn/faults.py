@@ -5,7 +5,7 @@ Set ``DIST_BNN_PAUSE_AT=<phase>[:<n>]`` to pause the n-th time (default 1st) a r
 that reached the phase sleeps until it is killed. Without ``DIST_BNN_PAUSE_AT`` the hook costs
 one dictionary lookup. Phases, in save order: ``rng`` (RNG files written), ``shards`` (DCP
 shards and .metadata written), ``manifest`` (manifest written, directory not yet renamed),
-``commit`` (renamed, other ranks not yet told).
+``commit`` (renamed, other ranks not yet informed).
 """
 
 from __future__ import annotations

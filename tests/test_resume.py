@@ -107,7 +107,7 @@ def test_resume_restores_identical_state_on_every_rank(runs):
     assert f": epoch={epoch} iteration={epoch * epoch_length} world_size=2 (identical on all 2 ranks)" in log
 
 
-def test_progress_bar_shows_true_epoch_on_rank_zero_only(runs):
+def test_progress_bar_true_epoch(runs):
     rank0, rank1 = rank_stderr(runs["logs"], 0), rank_stderr(runs["logs"], 1)
     first = runs["killed_at"] + 1
     assert f"Epoch [{first}/{NUM_EPOCHS}]" in rank0

@@ -278,7 +278,7 @@ def load_checkpoint(
     """Load model and optimizer state in place from a verified checkpoint. Every rank must call
     this.
 
-    DCP reshards on load, so the checkpoint may come from another world size; pass
+    DCP reshards on load, so the checkpoint may come from another world size. Pass
     ``load_rng=False`` then, because the per-rank RNG files belong to the old ranks.
 
     Returns:

@@ -7,8 +7,8 @@ once and truncated back to the checkpoint's epoch on resume.
 
 A kill can also lose rows that were sent: wandb-core buffers its writes, and a SIGKILLed launch
 may leave none of its rows on disk. On resume the tracker therefore logs again every committed
-row (from ``metrics.jsonl``) that W&B does not hold: in offline mode it reads the earlier
-launches' run files, in online mode it trusts the step that the server reports for the run.
+row (from ``metrics.jsonl``) that W&B does not contain. In offline mode it reads the earlier
+launches' run files. In online mode it trusts the step that the server reports for the run.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class Tracker:
         self.metrics_path = run_dir / METRICS_FILE
         self._pending: list[dict[str, Any]] = []
         self._run: Any = None
-        # W&B steps that earlier launches already stored; rows at these steps are not sent
-        # again (a resume from an older checkpoint than the newest trains those epochs again).
+        # W&B steps that earlier launches already stored. Rows at these steps are not sent
+        # again, because a resume from an older checkpoint than the newest trains them again.
         self._stored: set[int] = set()
         self._online_floor = 0
 
