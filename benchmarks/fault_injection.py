@@ -6,7 +6,8 @@ It relaunches the same command for 1 to ``--max-kills`` kills and lets the last 
 optimizer bitwise, each epoch exactly once in ``metrics.jsonl`` and in the W&B offline history.
 
     python benchmarks/fault_injection.py --trials 30         # prints "30/30 equal"
-    python benchmarks/fault_injection.py --trials 2 --seed 1 # the CI-sized run
+    python benchmarks/fault_injection.py --trials 2 --seed 7 # the CI-sized run
+    python benchmarks/fault_injection.py --trials 30 --async-save
 
 Exit code 0 when every trial is equal, 1 otherwise (the first difference is printed).
 """
@@ -39,21 +40,21 @@ JOB = [
 LAUNCH_TIMEOUT_S = 300
 
 
-def command(run_dir: Path, nproc: int) -> list[str]:
+def command(run_dir: Path, nproc: int, extra: list[str]) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-        "-m", "dist_bnn", "train", *JOB, f"run.dir={run_dir}",
+        "-m", "dist_bnn", "train", *JOB, *extra, f"run.dir={run_dir}",
     ]
 
 
-def run_to_end(run_dir: Path, nproc: int, env: dict[str, str], log: Path) -> None:
+def run_to_end(run_dir: Path, nproc: int, env: dict[str, str], log: Path, extra: list[str]) -> None:
     with open(log, "ab") as output:
-        result = subprocess.run(command(run_dir, nproc), env=env, stdout=output, stderr=output, timeout=LAUNCH_TIMEOUT_S)
+        result = subprocess.run(command(run_dir, nproc, extra), env=env, stdout=output, stderr=output, timeout=LAUNCH_TIMEOUT_S)
     if result.returncode != 0:
         raise RuntimeError(f"launch on {run_dir} failed with exit code {result.returncode}; see {log}")
 
 
-def run_and_kill(run_dir: Path, nproc: int, env: dict[str, str], log: Path, fault: dict) -> str:
+def run_and_kill(run_dir: Path, nproc: int, env: dict[str, str], log: Path, fault: dict, extra: list[str]) -> str:
     """Launch, kill at the fault, and describe what happened."""
     env = dict(env)
     marker = run_dir.parent / f"{run_dir.name}.paused"
@@ -62,7 +63,7 @@ def run_and_kill(run_dir: Path, nproc: int, env: dict[str, str], log: Path, faul
         env[PAUSE_AT_ENV] = f"{fault['phase']}:{fault['occurrence']}"
         env[PAUSE_MARKER_ENV] = str(marker)
     with open(log, "ab") as output:
-        process = subprocess.Popen(command(run_dir, nproc), env=env, stdout=output, stderr=output, start_new_session=True)
+        process = subprocess.Popen(command(run_dir, nproc, extra), env=env, stdout=output, stderr=output, start_new_session=True)
         start = time.monotonic()
         try:
             while process.poll() is None:
@@ -96,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="processes per launch (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault schedule (default 0)")
     parser.add_argument("--workdir", type=Path, default=None, help="where runs go (default: a temporary directory)")
+    parser.add_argument(
+        "--async-save", action="store_true",
+        help="killed runs write their periodic checkpoints with checkpoint.async_save=true; the "
+        "reference run stays synchronous, so the comparison also checks that both modes agree",
+    )
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
 
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         env.pop(PAUSE_AT_ENV, None)
         reference = root / "reference"
         start = time.monotonic()
-        run_to_end(reference, args.nproc, env, root / "reference.log")
+        run_to_end(reference, args.nproc, env, root / "reference.log", [])
         reference_seconds = time.monotonic() - start
         print(f"reference run: {reference_seconds:.1f} s", flush=True)
 
@@ -114,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         for trial in range(1, args.trials + 1):
             run_dir = root / f"trial{trial:03d}"
             log = root / f"trial{trial:03d}.log"
+            extra = ["checkpoint.async_save=true"] if args.async_save else []
             events = [
-                run_and_kill(run_dir, args.nproc, env, log, random_fault(rng, reference_seconds))
+                run_and_kill(run_dir, args.nproc, env, log, random_fault(rng, reference_seconds), extra)
                 for _ in range(rng.randint(1, args.max_kills))
             ]
-            run_to_end(run_dir, args.nproc, env, log)
+            run_to_end(run_dir, args.nproc, env, log, extra)
             difference = compare_runs(reference, run_dir)
             print(f"trial {trial}: {'; '.join(events)} -> {'equal' if difference is None else difference}", flush=True)
             if difference is None:

@@ -121,6 +121,12 @@ class CheckpointConfig:
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """Signals that ask for a checkpoint at the next iteration and an exit with code 75; an
     empty list leaves every signal's default action."""
+    async_save: bool = False
+    """Write the periodic checkpoints in a background thread (``dcp.async_save``) while training
+    continues; training blocks only while the state is copied. At most one save is in flight. A
+    checkpoint is committed (its manifest written, W&B rows sent, older checkpoints pruned) when
+    the next save starts or the run ends. The last epoch's save and a preemption save are
+    always synchronous."""
 
 
 @dataclass
@@ -140,6 +146,10 @@ class DistributedConfig:
     backend: str = "auto"
     """Process-group backend under a launcher: ``auto`` (NCCL with GPUs, gloo otherwise),
     ``gloo`` or ``nccl``. A plain process started without a launcher uses no process group."""
+    timeout_s: float = 1800.0
+    """Timeout in seconds of every collective operation (torch's default is 1800). A rank that
+    waits longer for the others, during a save say, fails and the launcher stops the job; the
+    next launch resumes from the newest committed checkpoint."""
 
 
 @dataclass
@@ -327,6 +337,11 @@ def validate(cfg: Config) -> None:
     _choice("sampler.name", cfg.sampler.name, SAMPLERS)
     _choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
     _choice("distributed.backend", cfg.distributed.backend, BACKENDS)
+    if not 0 < cfg.distributed.timeout_s < math.inf:
+        raise ConfigError(
+            f"distributed.timeout_s={cfg.distributed.timeout_s!r} must be a positive number of "
+            f"seconds, for example distributed.timeout_s=1800"
+        )
 
     if not cfg.run.dir.strip():
         raise ConfigError("run.dir is empty; set it to a directory path, e.g. run.dir=runs/digits")

@@ -23,7 +23,7 @@ def launched_by_launcher() -> bool:
 
 
 def resolve_backend(requested: str) -> str | None:
-    """Map ``distributed.backend`` to the backend handed to ``idist.Parallel``.
+    """Map ``distributed.backend`` to the backend handed to ``idist.initialize``.
 
     A plain process started without a launcher gets no process group (``None``) for ``auto``:
     a one-rank group would only cost a fixed TCP port. Under a launcher ``auto`` picks NCCL when

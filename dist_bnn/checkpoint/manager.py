@@ -135,6 +135,9 @@ def remove_partial(run_dir: Path) -> None:
             shutil.rmtree(path)
 
 
+_SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+
+
 def _no_process_group() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
@@ -144,7 +147,7 @@ def _quiet_single_process():
     # DCP warns on every save and load without a process group, even with no_dist=True, that
     # it assumes a single process. That is the intended mode of a plain process.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
         yield
 
 
@@ -153,9 +156,27 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]
     return {"model": model_state, "optim": optim_state}
 
 
+def _gather_json(value: Any, what: str) -> list[Any]:
+    """All-gather ``value`` during a save; turn a failed collective into a clear error. Every
+    rank must call this.
+
+    A collective fails when another rank died or took longer than the process group's timeout
+    (a slow disk on one rank, say). The checkpoint in progress is then lost, never committed.
+    """
+    try:
+        return distributed.all_gather_json(value)
+    except RuntimeError as err:
+        raise CheckpointSaveError(
+            f"{what} failed: the ranks lost each other ({err}). Another rank stopped, or was "
+            f"slower than distributed.timeout_s allows. The previous checkpoint is intact: "
+            f"relaunch the same command to resume from it, and raise distributed.timeout_s if "
+            f"saves are slow on this file system"
+        ) from err
+
+
 def _agree(error: str | None, what: str) -> None:
     """Raise on every rank if any rank reports an error. Every rank must call this."""
-    errors = [(rank, e) for rank, e in enumerate(distributed.all_gather_json(error)) if e is not None]
+    errors = [(rank, e) for rank, e in enumerate(_gather_json(error, what)) if e is not None]
     if errors:
         details = "; ".join(f"rank {rank}: {e}" for rank, e in errors)
         raise CheckpointSaveError(
@@ -189,87 +210,221 @@ def save_checkpoint(
             The previous checkpoint is untouched and the partial directory is removed.
     """
     start = time.perf_counter()
-    rank = distributed.rank()
-    name = checkpoint_name(manifest.epoch, manifest.iteration)
-    root = run_dir / CHECKPOINTS_DIR
-    final = root / name
-    partial = root / f"{PARTIAL_PREFIX}{name}"
-    try:
-        _write_and_commit(partial, final, rank, model, optimizer, manifest, rank_extra)
-    except CheckpointSaveError:
-        if distributed.is_writer():
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
+    save = _SaveInProgress.prepare(run_dir, manifest, rank_extra)
+    with save.cleanup_on_error():
+        try:
+            with _quiet_single_process():
+                dcp.save(
+                    _state(model, optimizer),
+                    storage_writer=_PausingWriter(save.partial, save.rank),
+                    no_dist=_no_process_group(),
+                )
+        # DCP raises CheckpointException (a BaseException) on every rank for any rank's error.
+        except (Exception, dcp.CheckpointException) as err:
+            raise save.write_error(err) from err
+        save.commit()
     logger.info(
         "saved checkpoint %s (epoch %d, iteration %d) in %.2f s",
-        final,
+        save.final,
         manifest.epoch,
         manifest.iteration,
         time.perf_counter() - start,
     )
-    return final
+    return save.final
 
 
-def _write_and_commit(
-    partial: Path,
-    final: Path,
-    rank: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    manifest: Manifest,
-    rank_extra: dict[str, torch.Tensor] | None,
-) -> None:
-    error = None
-    try:
-        if final.exists():
-            raise FileExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
-        partial.mkdir(parents=True, exist_ok=True)
-        save_rank_rng(partial, rank, rank_extra)
-    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
-        error = f"{type(err).__name__}: {err}"
-    _agree(error, f"preparing checkpoint {partial}")
-    pause_point("rng", rank)
+class AsyncCheckpointer:
+    """Checkpoints written by ``dcp.async_save`` in a background thread, at most one in flight.
 
-    try:
-        with _quiet_single_process():
-            dcp.save(_state(model, optimizer), checkpoint_id=partial, no_dist=_no_process_group())
-    # DCP raises CheckpointException (a BaseException) on every rank for any rank's error.
-    except (Exception, dcp.CheckpointException) as err:
-        raise CheckpointSaveError(
-            f"writing checkpoint shards to {partial} failed ({err}). The previous checkpoint is "
-            f"intact: check free disk space and quotas, then relaunch the same command to resume"
-        ) from err
+    Build on every rank after the process group exists; it creates its own gloo group for DCP's
+    collectives, because DCP's background thread would otherwise share the default group with
+    the training loop's collectives, which deadlocks on gloo.
 
-    pause_point("shards", rank)
+    Commit rule: :meth:`save` only stages the state and starts the write. The checkpoint is
+    committed (digests hashed, manifest written, directory renamed) by :meth:`commit_pending`,
+    which the trainer calls before the next save and at the end of the run. Until then the
+    checkpoint is a hidden ``.partial-`` directory that no resume loads, so a kill during the
+    background write resumes from the previous committed checkpoint.
+    """
 
-    # Each rank hashes the files it wrote; rank 0 also hashes .metadata and anything else.
-    own = {}
-    for path in [*partial.glob(f"__{rank}_*.distcp"), rank_rng_path(partial, rank)]:
-        own[str(path.relative_to(partial))] = file_digest(path)
-    digests: dict[str, Any] = {}
-    for part in distributed.all_gather_json(own):
-        digests.update(part)
+    def __init__(self) -> None:
+        self._group = None if _no_process_group() else torch.distributed.new_group(backend="gloo")
+        if self._group is None:
+            # The background thread runs outside _quiet_single_process; see there.
+            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
+        self._pending: tuple[_SaveInProgress, Any, float] | None = None
 
-    error = None
-    if distributed.is_writer():
+    def save(
+        self,
+        run_dir: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        manifest: Manifest,
+        rank_extra: dict[str, torch.Tensor] | None = None,
+    ) -> float:
+        """Stage the state and start writing it in the background; return the seconds training
+        was blocked. Every rank must call this. Commit the pending save first with
+        :meth:`commit_pending`.
+
+        Raises:
+            CheckpointSaveError: on every rank when any rank failed to prepare the directory.
+        """
+        if self._pending is not None:
+            raise RuntimeError("a checkpoint is still in flight; call commit_pending() before save()")
+        start = time.perf_counter()
+        save = _SaveInProgress.prepare(run_dir, manifest, rank_extra)
+        with save.cleanup_on_error():
+            try:
+                with _quiet_single_process():
+                    # The default stager copies every tensor before async_save returns, so the
+                    # training steps that follow cannot change what is written.
+                    future = dcp.async_save(
+                        _state(model, optimizer),
+                        storage_writer=_PausingWriter(save.partial, save.rank),
+                        process_group=self._group,
+                        no_dist=_no_process_group(),
+                    )
+            except (Exception, dcp.CheckpointException) as err:
+                raise save.write_error(err) from err
+        blocked = time.perf_counter() - start
+        self._pending = (save, future, time.perf_counter())
+        logger.info(
+            "checkpoint %s (epoch %d, iteration %d): training blocked %.3f s, writing in the "
+            "background",
+            save.final,
+            manifest.epoch,
+            manifest.iteration,
+            blocked,
+        )
+        return blocked
+
+    def commit_pending(self) -> tuple[Path, Manifest] | None:
+        """Wait for the background write, then commit it; return its path and manifest, or
+        ``None`` when nothing was in flight. Every rank must call this.
+
+        Raises:
+            CheckpointSaveError: on every rank when any rank's write failed. The partial
+                directory is removed and the previous checkpoint is untouched.
+        """
+        if self._pending is None:
+            return None
+        save, future, started = self._pending
+        self._pending = None
+        start = time.perf_counter()
+        with save.cleanup_on_error():
+            error = None
+            try:
+                future.result()
+            except (Exception, dcp.CheckpointException) as err:
+                error = f"{type(err).__name__}: {err}"
+            _agree(error, f"writing checkpoint {save.partial} in the background")
+            save.commit()
+        logger.info(
+            "committed checkpoint %s (epoch %d, iteration %d): written in the background in "
+            "%.2f s, training waited %.3f s for it to finish",
+            save.final,
+            save.manifest.epoch,
+            save.manifest.iteration,
+            start - started,
+            time.perf_counter() - start,
+        )
+        return save.final, save.manifest
+
+
+class _PausingWriter(dcp.FileSystemWriter):
+    """DCP's file writer with the ``writing`` fault-injection pause point (see
+    :mod:`dist_bnn.faults`); it runs in the background thread under ``dcp.async_save``."""
+
+    def __init__(self, path: Path, rank: int) -> None:
+        super().__init__(path)
+        self._rank = rank
+
+    def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
+        pause_point("writing", self._rank)
+        return super().write_data(plan, planner)
+
+
+@dataclass
+class _SaveInProgress:
+    """One checkpoint between its first file and its commit."""
+
+    partial: Path
+    final: Path
+    rank: int
+    manifest: Manifest
+
+    @classmethod
+    def prepare(
+        cls, run_dir: Path, manifest: Manifest, rank_extra: dict[str, torch.Tensor] | None
+    ) -> _SaveInProgress:
+        """Create the partial directory and write this rank's RNG file. Every rank calls this."""
+        name = checkpoint_name(manifest.epoch, manifest.iteration)
+        root = run_dir / CHECKPOINTS_DIR
+        save = cls(root / f"{PARTIAL_PREFIX}{name}", root / name, distributed.rank(), manifest)
+        with save.cleanup_on_error():
+            error = None
+            try:
+                if save.final.exists():
+                    raise FileExistsError(f"checkpoint {save.final} already exists; refusing to overwrite it")
+                save.partial.mkdir(parents=True, exist_ok=True)
+                save_rank_rng(save.partial, save.rank, rank_extra)
+            except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+                error = f"{type(err).__name__}: {err}"
+            _agree(error, f"preparing checkpoint {save.partial}")
+            pause_point("rng", save.rank)
+        return save
+
+    @contextlib.contextmanager
+    def cleanup_on_error(self):  # type: ignore[no-untyped-def]
+        """Remove the partial directory (rank 0) when a :class:`CheckpointSaveError` passes."""
         try:
-            for path in sorted(p for p in partial.rglob("*") if p.is_file()):
-                relative = str(path.relative_to(partial))
-                if relative not in digests and relative != MANIFEST_NAME:
-                    digests[relative] = file_digest(path)
-            if DCP_METADATA not in digests:
-                raise FileNotFoundError(f"dcp.save left no {DCP_METADATA} in {partial}")
-            manifest.files = digests
-            write_manifest(partial, manifest)
-            fsync_dir(partial / "rng")
-            fsync_dir(partial)
-            pause_point("manifest", rank)
-            partial.rename(final)
-            fsync_dir(final.parent)
-            pause_point("commit", rank)
-        except OSError as err:
-            error = f"{type(err).__name__}: {err}"
-    _agree(error, f"committing checkpoint {final}")
+            yield
+        except CheckpointSaveError:
+            if distributed.is_writer():
+                shutil.rmtree(self.partial, ignore_errors=True)
+            raise
+
+    def write_error(self, err: BaseException) -> CheckpointSaveError:
+        return CheckpointSaveError(
+            f"writing checkpoint shards to {self.partial} failed ({err}). The previous checkpoint "
+            f"is intact: check free disk space and quotas, then relaunch the same command to "
+            f"resume"
+        )
+
+    def commit(self) -> None:
+        """Hash the written files, write the manifest and rename the directory. Every rank
+        calls this, after every rank's shards are written."""
+        partial, rank, manifest = self.partial, self.rank, self.manifest
+        pause_point("shards", rank)
+
+        # Each rank hashes the files it wrote; rank 0 also hashes .metadata and anything else.
+        own = {}
+        for path in [*partial.glob(f"__{rank}_*.distcp"), rank_rng_path(partial, rank)]:
+            own[str(path.relative_to(partial))] = file_digest(path)
+        digests: dict[str, Any] = {}
+        for part in _gather_json(own, f"committing checkpoint {self.final}"):
+            digests.update(part)
+
+        error = None
+        if distributed.is_writer():
+            try:
+                for path in sorted(p for p in partial.rglob("*") if p.is_file()):
+                    relative = str(path.relative_to(partial))
+                    if relative not in digests and relative != MANIFEST_NAME:
+                        digests[relative] = file_digest(path)
+                if DCP_METADATA not in digests:
+                    raise FileNotFoundError(f"dcp.save left no {DCP_METADATA} in {partial}")
+                manifest.files = digests
+                write_manifest(partial, manifest)
+                fsync_dir(partial / "rng")
+                fsync_dir(partial)
+                pause_point("manifest", rank)
+                partial.rename(self.final)
+                fsync_dir(self.final.parent)
+                pause_point("commit", rank)
+            except OSError as err:
+                error = f"{type(err).__name__}: {err}"
+        _agree(error, f"committing checkpoint {self.final}")
 
 
 def load_checkpoint(

@@ -124,15 +124,18 @@ class Tracker:
             handle.write(json.dumps(row, sort_keys=True) + "\n")
         self._pending.append(row)
 
-    def flush(self) -> None:
-        """Send the queued rows to W&B; call right after a checkpoint is committed."""
+    def flush(self, up_to_epoch: int) -> None:
+        """Send the queued rows of epochs up to ``up_to_epoch`` to W&B; call right after the
+        checkpoint of that epoch is committed. Rows of later epochs stay queued: a kill before
+        their checkpoint commits makes the resumed run log them again."""
         if not distributed.is_writer():
             return
+        ready = [row for row in self._pending if row["epoch"] <= up_to_epoch]
         if self._run is not None:
-            for row in self._pending:
+            for row in ready:
                 if not self._is_stored(row):
                     self._run.log(row, step=row["iteration"])
-        self._pending.clear()
+        self._pending = [row for row in self._pending if row["epoch"] > up_to_epoch]
 
     def summary(self, values: dict[str, Any]) -> None:
         if distributed.is_writer() and self._run is not None:

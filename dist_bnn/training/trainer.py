@@ -1,6 +1,6 @@
 """The training job: builds the Ignite engine on every rank, restores a checkpoint, runs.
 
-Every rank runs :func:`run_on_rank` inside ``idist.Parallel``. Rank 0 alone inspects and
+Every rank runs :func:`run_on_rank` in the process group that :func:`train` creates. Rank 0 alone inspects and
 prepares the run directory and broadcasts the outcome as JSON, so every rank takes the same
 branch afterwards: all collectives are entered by all ranks or by none.
 """
@@ -49,15 +49,20 @@ _NOISE_STREAM = 1
 def train(cfg: Config, log_level: str = "INFO") -> None:
     """Run (or resume) the training job described by ``cfg`` on every rank of this launch."""
     backend = distributed.resolve_backend(cfg.distributed.backend)
-    parallel = idist.Parallel(backend=backend)
-    # Ignite's launcher logs its own start and end at INFO; the run's own lines replace them.
-    logging.getLogger("ignite.distributed.launcher.Parallel").setLevel(logging.WARNING)
-    with parallel:
-        parallel.run(run_on_rank, cfg, log_level)
+    if backend is None:
+        run_on_rank(0, cfg, log_level)
+        return
+    # idist.Parallel would not pass a timeout on to the process group under a launcher, so the
+    # group is created here; ignite.distributed then works from it as usual.
+    idist.initialize(backend, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
+    try:
+        run_on_rank(idist.get_local_rank(), cfg, log_level)
+    finally:
+        idist.finalize()
 
 
 def run_on_rank(local_rank: int, cfg: Config, log_level: str) -> None:
-    """Train on this rank. Every rank must call this (``idist.Parallel.run`` does).
+    """Train on this rank. Every rank must call this (:func:`train` does).
 
     Raises:
         ResumeError: on every rank, if the run directory cannot be resumed as asked.
@@ -140,6 +145,7 @@ class TrainingJob:
         self.samples = SampleStore(run_dir, cfg.samples.start_epoch, cfg.samples.every_epochs)
         self.tracker = Tracker(run_dir, cfg.wandb, plan.run_id, to_dict(cfg))
         self.engine = self._build_engine()
+        self.async_checkpointer = manager.AsyncCheckpointer() if cfg.checkpoint.async_save else None
         self.iteration_offset = 0
         self.preemption = PreemptionFlag(cfg.checkpoint.preempt_signals, lambda: self.iteration)
         self._stop_after_epoch = False
@@ -374,10 +380,18 @@ class TrainingJob:
         metrics: dict[str, float],
         final_metrics: dict[str, float] | None = None,
         preempted: bool = False,
-    ) -> Path:
-        """Commit a checkpoint at the current iteration, then send W&B its rows and prune old
-        checkpoints. Every rank must call this."""
+    ) -> Path | None:
+        """Checkpoint the current iteration. Every rank must call this.
+
+        A synchronous save commits before it returns, then sends W&B its rows and prunes old
+        checkpoints; it returns the committed path. With ``checkpoint.async_save`` the periodic
+        saves return ``None`` and commit later (see :meth:`_commit_pending`); the last epoch's
+        save and a preemption save stay synchronous, so a finished or stopped run has nothing
+        left in flight.
+        """
         cfg, state = self.cfg, self.engine.state
+        synchronous = self.async_checkpointer is None or preempted or completed_epochs == cfg.training.num_epochs
+        self._commit_pending()
         check_replicas(self.model)
 
         manifest = Manifest(
@@ -400,18 +414,12 @@ class TrainingJob:
         )
         # Kept in its own dtype: continuing a float32 sum in float64 would change the epoch's loss.
         extra = {"loss_sum": state.loss_sum.detach().cpu()}
+        if not synchronous:
+            assert self.async_checkpointer is not None
+            self.async_checkpointer.save(self.run_dir, self.model, self.optimizer, manifest, rank_extra=extra)
+            return None
         path = manager.save_checkpoint(self.run_dir, self.model, self.optimizer, manifest, rank_extra=extra)
-
-        self.tracker.flush()
-        if distributed.is_writer():
-            manager.apply_retention(
-                self.run_dir,
-                keep_last=cfg.checkpoint.keep_last,
-                keep_best=cfg.checkpoint.keep_best,
-                best_metric=cfg.checkpoint.best_metric,
-                best_mode=cfg.checkpoint.best_mode,
-                protect={Path(self.plan.resume_path)} if self.plan.resume_path else set(),
-            )
+        self._after_commit(manifest.epoch)
         if preempted:
             logger.warning(
                 "preemption: %s arrived at iteration %s; saved checkpoint %s at iteration %d",
@@ -421,6 +429,34 @@ class TrainingJob:
                 self.iteration,
             )
         return path
+
+
+    def _commit_pending(self) -> None:
+        """Commit the checkpoint written in the background, if one is in flight. Every rank
+        must call this."""
+        if self.async_checkpointer is None:
+            return
+        committed = self.async_checkpointer.commit_pending()
+        if committed is not None:
+            self._after_commit(committed[1].epoch)
+
+    def _after_commit(self, epoch: int) -> None:
+        """Send W&B the rows the new checkpoint commits and prune the checkpoints no rule keeps.
+
+        Both wait for the commit: a W&B row sent earlier would be logged twice after a kill, and
+        a checkpoint pruned earlier could be the only one left.
+        """
+        cfg = self.cfg
+        self.tracker.flush(up_to_epoch=epoch)
+        if distributed.is_writer():
+            manager.apply_retention(
+                self.run_dir,
+                keep_last=cfg.checkpoint.keep_last,
+                keep_best=cfg.checkpoint.keep_best,
+                best_metric=cfg.checkpoint.best_metric,
+                best_mode=cfg.checkpoint.best_mode,
+                protect={Path(self.plan.resume_path)} if self.plan.resume_path else set(),
+            )
 
 
 def _check_identical_state(engine: Engine) -> None:
