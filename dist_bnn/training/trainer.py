@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,7 @@ class TrainingJob:
         self.async_checkpointer = manager.AsyncCheckpointer() if cfg.checkpoint.async_save else None
         self.iteration_offset = 0
         self.preemption = PreemptionFlag(cfg.checkpoint.preempt_signals, lambda: self.iteration)
+        self.preemption.attach(self.model)
         self._stop_after_epoch = False
         # Everything above may reject the request (a batch size that does not fit, say); only
         # now does a new run leave its first file.
@@ -166,9 +168,9 @@ class TrainingJob:
 
         self.engine.add_event_handler(Events.ITERATION_COMPLETED, self._check_preemption)
         self.engine.add_event_handler(Events.EPOCH_COMPLETED, self._end_of_epoch)
-        if distributed.is_writer():
-            # TODO(logs): Ignite's bar redraws every iteration, which fills a log file that is
-            # not a terminal; a per-epoch log line for non-terminals would read better.
+        if distributed.is_writer() and sys.stderr.isatty():
+            # In a log file the bar would redraw every iteration; the per-epoch log line is
+            # the progress record there.
             ProgressBar(persist=True).attach(self.engine)
 
     # -----------------------------------------------------------------------------------------
