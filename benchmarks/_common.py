@@ -21,7 +21,7 @@ def median(values: Sequence[float]) -> float:
 
 
 def machine() -> str:
-    """One line naming the CPU count, the platform and the library versions."""
+    """Return one line naming the CPU count, the platform and the torch version."""
     return (
         f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}, "
         f"torch {torch.__version__}"

@@ -100,6 +100,10 @@ def worker(args: argparse.Namespace) -> None:
     from dist_bnn import distributed
 
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     idist.initialize("gloo")
     results: dict[str, list[float]] = {"hand-written": [], "dist_bnn": []}
     with tempfile.TemporaryDirectory(prefix="dist-bnn-epoch-time-") as scratch:
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of each side (default 5)")
     parser.add_argument("--epochs", type=int, default=20, help="epochs per repetition (default 20)")
     parser.add_argument("--nproc", type=int, default=2, help="gloo ranks (default 2)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per rank (default: torchrun's choice)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides for both sides, e.g. model.hidden_sizes=[512]")
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(scratch) / "result.json"
         torchrun(Path(__file__), args.nproc, [
             "--worker", "--out", str(out), "--repeats", str(args.repeats), "--epochs", str(args.epochs),
-            *args.overrides,
+            "--threads", str(args.threads), *args.overrides,
         ])
         results = json.loads(out.read_text())
     base, ours = median(results["hand-written"]), median(results["dist_bnn"])

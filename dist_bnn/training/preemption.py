@@ -5,9 +5,9 @@ Instead the ranks combine their flags at every iteration, so all ranks stop at t
 iteration, write one checkpoint there and exit with ``dist_bnn.errors.PREEMPTED_EXIT_CODE``
 (75). A relaunch resumes inside the interrupted epoch at the next batch.
 
-The flags travel in the gradient all-reduce that DDP does anyway: a DDP communication hook
+The flags travel in the gradient all-reduce that DDP does anyway. A DDP communication hook
 appends this rank's flag to the last gradient bucket, so agreeing costs one more number in a
-collective instead of a collective of its own per iteration.
+collective that runs anyway, not a collective of its own per iteration.
 """
 
 from __future__ import annotations

@@ -167,6 +167,8 @@ class TrainingJob:
         self.tracker.start(resumed_epoch)
 
         self.engine.add_event_handler(Events.ITERATION_COMPLETED, self._check_preemption)
+        self._first_step_logged = False
+        self.engine.add_event_handler(Events.ITERATION_COMPLETED, self._log_first_step)
         self.engine.add_event_handler(Events.EPOCH_COMPLETED, self._end_of_epoch)
         if distributed.is_writer() and sys.stderr.isatty():
             # In a log file the bar would redraw every iteration; the per-epoch log line is
@@ -320,6 +322,12 @@ class TrainingJob:
             return
         self.preempted_checkpoint = self._save(completed_epochs=engine.state.epoch - 1, metrics={}, preempted=True)
         engine.terminate()
+
+    def _log_first_step(self, engine: Engine) -> None:
+        # Marks the end of the launch's start-up cost (process group, data, restore) in the log.
+        if not self._first_step_logged:
+            self._first_step_logged = True
+            logger.info("first step of this launch done: iteration %d", self.iteration)
 
     def _end_of_epoch(self, engine: Engine) -> None:
         """Per-epoch bookkeeping, in an order that keeps every record consistent after a kill.
