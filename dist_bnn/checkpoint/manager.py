@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dist_bnn import distributed
@@ -253,6 +254,12 @@ class AsyncCheckpointer:
             # The background thread runs outside _quiet_single_process; see there.
             warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
         self._pending: tuple[_SaveInProgress, Any, float] | None = None
+        # One stager for every save: it keeps its staging buffers from one save to the next,
+        # so a save copies into memory that is already mapped instead of faulting in new pages.
+        on_gpu = torch.cuda.is_available()
+        self._stager = DefaultStager(StagingOptions(
+            use_pinned_memory=on_gpu, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False,
+        ))
 
     def save(
         self,
@@ -282,6 +289,7 @@ class AsyncCheckpointer:
                         _state(model, optimizer),
                         storage_writer=_PausingWriter(save.partial, save.rank),
                         process_group=self._group,
+                        async_stager=self._stager,
                         no_dist=_no_process_group(),
                     )
             except (Exception, dcp.CheckpointException) as err:
