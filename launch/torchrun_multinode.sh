@@ -21,10 +21,16 @@ if [[ $# -lt 1 ]]; then
     echo "usage: NNODES=N NPROC_PER_NODE=P RDZV_ENDPOINT=HOST:PORT RDZV_ID=NAME $0 CONFIG.yaml [key=value ...]" >&2
     exit 2
 fi
-: "${NNODES:?set NNODES to the number of machines}"
-: "${NPROC_PER_NODE:?set NPROC_PER_NODE to the number of processes per machine}"
-: "${RDZV_ENDPOINT:?set RDZV_ENDPOINT to host:port of the rendezvous, on one of the machines}"
-: "${RDZV_ID:?set RDZV_ID to a name that the machines of this job share}"
+require() {
+    if [[ -z ${!1:-} ]]; then
+        echo "$0: $1 is not set; set it to $2" >&2
+        exit 2
+    fi
+}
+require NNODES "the number of machines"
+require NPROC_PER_NODE "the number of processes per machine"
+require RDZV_ENDPOINT "host:port of the rendezvous, on one of the machines"
+require RDZV_ID "a name that the machines of this job share"
 
 local_addr=()
 if [[ -n ${LOCAL_ADDR:-} ]]; then
