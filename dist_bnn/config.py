@@ -38,7 +38,8 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     dir: str = MISSING
-    """Run directory holding samples, checkpoints, metrics and the W&B run. Required."""
+    """Run directory holding samples, checkpoints, metrics and the W&B run. Required: a relaunch
+    on the same directory resumes the run."""
     resume: bool = True
     """Resume from the newest checkpoint in ``run.dir`` when there is one. With ``false`` a run
     directory that already contains checkpoints is an error, so nothing is overwritten."""
@@ -87,7 +88,9 @@ class SamplerConfig:
 @dataclass
 class TrainingConfig:
     num_epochs: int = 50
-    """Total number of epochs of the run, counting epochs done before any resume."""
+    """Total number of epochs of the run, counting epochs done before any resume. Raising it
+    on a finished run continues the chain; a value below the epochs already trained is an
+    error."""
     seed: int = 0
     """Seed of the data split, the model initialisation, the data order and the Langevin noise."""
     validate_every_epochs: int = 1
@@ -100,13 +103,15 @@ class SamplesConfig:
     """First epoch (1-based) whose weights are written as a posterior sample: the burn-in ends
     before it."""
     every_epochs: int = 1
-    """Epochs between two posterior samples (thinning)."""
+    """Epochs between two posterior samples (thinning); 1 writes a sample after every epoch
+    from ``samples.start_epoch`` on."""
 
 
 @dataclass
 class CheckpointConfig:
     every_epochs: int = 5
-    """Epochs between two checkpoints. The last epoch is always checkpointed."""
+    """Epochs between two checkpoints. The last epoch is always checkpointed, and a preemption
+    signal adds one at the next iteration."""
     keep_last: int | None = None
     """Number of newest checkpoints to keep (>= 1); ``null`` keeps every checkpoint. Older ones
     are deleted only after a newer one is committed."""
@@ -134,7 +139,7 @@ class WandbConfig:
     mode: str = "offline"
     """``offline`` (default, no network), ``online`` (needs a W&B account) or ``disabled``."""
     project: str = "dist-bnn"
-    """W&B project name."""
+    """W&B project name; must not be empty."""
     entity: str | None = None
     """W&B entity (user or team); ``null`` uses the account's default."""
     name: str | None = None

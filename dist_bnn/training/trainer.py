@@ -103,7 +103,8 @@ def run_on_rank(local_rank: int, cfg: Config, log_level: str) -> None:
     distributed.barrier()
     if job.preempted_checkpoint is not None:
         raise Preempted(
-            f"stopped after {job.preemption.received} at iteration {job.iteration}; "
+            f"stopped after {job.preemption.received or 'a preemption signal to another rank'} "
+            f"at iteration {job.iteration}; "
             f"checkpoint {job.preempted_checkpoint} is committed. Relaunch the same command to "
             f"resume from it"
         )
