@@ -13,7 +13,11 @@ from conftest import REPO, make_env
 # async saves seed 3 kills during the second background write.
 @pytest.mark.parametrize(
     ("seed", "options", "phases"),
-    [(7, [], ["manifest", "commit"]), (3, ["--async-save"], ["writing", "rng", "manifest"])],
+    [
+        (7, [], ["manifest", "commit"]),
+        # tests/test_async_save.py covers the async kills in the default run; this one is slow.
+        pytest.param(3, ["--async-save"], ["writing", "rng", "manifest"], marks=pytest.mark.slow),
+    ],
     ids=["sync", "async"],
 )
 def test_killed_runs_equal_uninterrupted(seed, options, phases, tmp_path):
