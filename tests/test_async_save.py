@@ -78,3 +78,29 @@ def test_kill_during_background_write_resumes_from_previous(
     assert f"resumed from {kept[-1]}" in resumed.stderr
     assert "left by an interrupted save" in resumed.stderr
     assert compare_runs(reference, run_dir) is None
+
+
+def test_own_shares_split_a_replicated_state_disjointly_and_evenly():
+    import torch
+
+    from dist_bnn.checkpoint.manager import _own_share
+
+    state = {
+        "model": {f"layer{i}.weight": torch.zeros(100 * (i + 1)) for i in range(6)},
+        "optim": {"state": {"layer0.weight": {"momentum_buffer": torch.zeros(300)}}, "param_groups": [{"lr": 0.1}]},
+    }
+    shares = [_own_share(state, rank, 2) for rank in range(2)]
+
+    def leaves(node, path=()):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from leaves(value, (*path, key))
+            else:
+                yield (*path, key), value
+
+    owned = [dict(leaves(share)) for share in shares]
+    assert not owned[0].keys() & owned[1].keys()
+    assert owned[0].keys() | owned[1].keys() == dict(leaves(state)).keys()
+    assert ("optim", "param_groups") in owned[0]  # values that are not tensors stay with rank 0
+    sizes = [sum(v.numel() for v in share.values() if isinstance(v, torch.Tensor)) for share in owned]
+    assert abs(sizes[0] - sizes[1]) <= 100, sizes

@@ -157,6 +157,61 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]
     return {"model": model_state, "optim": optim_state}
 
 
+def _replicated(state: dict[str, Any]) -> bool:
+    """Whether every tensor is a plain tensor, as with DDP; sharded ones (DTensor under FSDP,
+    say) are already split between ranks and must be left whole."""
+
+    def plain(node: Any) -> bool:
+        if isinstance(node, dict):
+            return all(plain(v) for v in node.values())
+        return not isinstance(node, torch.Tensor) or type(node) is torch.Tensor or isinstance(node, nn.Parameter)
+
+    return plain(state)
+
+
+def _own_share(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """Return the part of a replicated state dict that this rank writes.
+
+    Data-parallel ranks hold identical state, and DCP writes each replicated tensor once, but
+    ``dcp.async_save`` copies the whole state on every rank before it plans who writes what.
+    Handing each rank a disjoint share instead makes each rank copy only what it writes. The
+    shares are balanced by bytes, greedily over the tensors sorted by size and then key, so
+    every rank computes the same assignment; values that are not tensors go with rank 0. The
+    checkpoint holds the union, which every rank loads as usual.
+    """
+    leaves: list[tuple[tuple[str, ...], Any]] = []
+
+    def collect(node: dict[str, Any], path: tuple[str, ...]) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                collect(value, (*path, str(key)))
+            else:
+                leaves.append(((*path, str(key)), value))
+
+    collect(state, ())
+    owner: dict[tuple[str, ...], int] = {}
+    load = [0] * world_size
+    tensors = [(path, v) for path, v in leaves if isinstance(v, torch.Tensor)]
+    for path, tensor in sorted(tensors, key=lambda item: (-item[1].numel() * item[1].element_size(), item[0])):
+        target = min(range(world_size), key=lambda r: (load[r], r))
+        owner[path] = target
+        load[target] += tensor.numel() * tensor.element_size()
+
+    def prune(node: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+        kept: dict[str, Any] = {}
+        for key, value in node.items():
+            here = (*path, str(key))
+            if isinstance(value, dict):
+                child = prune(value, here)
+                if child:
+                    kept[key] = child
+            elif owner.get(here, 0) == rank:
+                kept[key] = value
+        return kept
+
+    return prune(state, ())
+
+
 def _gather_json(value: Any, what: str) -> list[Any]:
     """All-gather ``value`` during a save; turn a failed collective into a clear error. Every
     rank must call this.
@@ -285,8 +340,11 @@ class AsyncCheckpointer:
                 with _quiet_single_process():
                     # The default stager copies every tensor before async_save returns, so the
                     # training steps that follow cannot change what is written.
+                    state = _state(model, optimizer)
+                    if self._group is not None and _replicated(state):
+                        state = _own_share(state, save.rank, distributed.world_size())
                     future = dcp.async_save(
-                        _state(model, optimizer),
+                        state,
                         storage_writer=_PausingWriter(save.partial, save.rank),
                         process_group=self._group,
                         async_stager=self._stager,
