@@ -23,7 +23,8 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 DATASETS = ("digits", "breast_cancer")
-SAMPLERS = ("sgld", "sghmc")
+SAMPLERS = ("sgld", "sghmc", "psgld")
+SCHEDULES = ("constant", "cyclical")
 ACTIVATIONS = ("relu", "tanh")
 WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -73,16 +74,41 @@ class ModelConfig:
 @dataclass
 class SamplerConfig:
     name: str = "sghmc"
-    """Stochastic-gradient MCMC method: ``sgld`` or ``sghmc``."""
+    """Stochastic-gradient MCMC method: ``sgld``, ``sghmc`` or ``psgld`` (SGLD with an
+    RMSprop-style diagonal preconditioner)."""
     lr: float = 0.05
     """Step size applied to the gradient of the mean loss (per-example scale, not multiplied by
-    the training-set size). Never rescaled with the world size."""
+    the training-set size). Never rescaled with the world size. With
+    ``sampler.schedule=cyclical`` it is the largest step size, taken at the start of each
+    cycle."""
     momentum: float = 0.9
-    """SGHMC momentum, one minus the friction, in [0, 1). Ignored by SGLD, with a warning."""
+    """SGHMC momentum, one minus the friction, in [0, 1). Ignored by SGLD and pSGLD, with a
+    warning."""
     temperature: float = 1.0
-    """Posterior temperature: 1 samples the Bayesian posterior, 0 disables the noise."""
+    """Posterior temperature: 1 samples the Bayesian posterior, 0 disables the noise. With 0 the
+    sampler optimises the log posterior and the run is the MAP baseline (SGHMC at temperature 0
+    is SGD with momentum, and the Gaussian prior acts as weight decay)."""
     prior_std: float = 1.0
     """Standard deviation of the zero-mean isotropic Gaussian prior on every weight."""
+    schedule: str = "constant"
+    """Step-size schedule: ``constant`` (``sampler.lr`` at every step, noise always on) or
+    ``cyclical``. The cyclical schedule repeats a cosine decay of the step size every
+    ``sampler.cycle_epochs`` epochs, and each cycle starts with a noise-free exploration phase
+    (cSGLD and cSGHMC of Zhang et al., ICLR 2020; see :mod:`dist_bnn.samplers.schedules`)."""
+    cycle_epochs: int = 10
+    """Length of one step-size cycle in epochs (>= 1). Used by ``sampler.schedule=cyclical``
+    only; ignored, with a warning, by ``constant``."""
+    exploration_fraction: float = 0.5
+    """Fraction of each cycle, in [0, 1), run without noise before the sampling phase begins.
+    0 keeps the noise on throughout. Only epochs that lie wholly in the sampling phase write
+    posterior samples, so the last epoch of a cycle must lie in it: exploration_fraction <=
+    (cycle_epochs - 1) / cycle_epochs. Used by ``sampler.schedule=cyclical`` only."""
+    psgld_decay: float = 0.99
+    """pSGLD: decay rate in [0, 1) of the running average of squared gradients (RMSprop's
+    alpha). Used by ``sampler.name=psgld`` only."""
+    psgld_epsilon: float = 1e-5
+    """pSGLD: positive constant added to the root of the running average, which bounds the
+    preconditioner by 1 / psgld_epsilon. Used by ``sampler.name=psgld`` only."""
 
 
 @dataclass
@@ -100,11 +126,12 @@ class TrainingConfig:
 @dataclass
 class SamplesConfig:
     start_epoch: int = 25
-    """First epoch (1-based) whose weights are written as a posterior sample: the burn-in ends
-    before it."""
+    """First epoch (1-based) whose weights may be written as a posterior sample: the burn-in
+    ends before it. See :func:`is_sample_epoch` for the full rule."""
     every_epochs: int = 1
-    """Epochs between two posterior samples (thinning); 1 writes a sample after every epoch
-    from ``samples.start_epoch`` on."""
+    """Epochs between two posterior samples (thinning), counted from ``samples.start_epoch``.
+    With a cyclical schedule, epochs of this grid that are not wholly in a sampling phase are
+    skipped."""
 
 
 @dataclass
@@ -368,6 +395,13 @@ def validate(cfg: Config) -> None:
     _at_least("sampler.temperature", cfg.sampler.temperature, 0.0)
     _positive("sampler.prior_std", cfg.sampler.prior_std)
 
+    _choice("sampler.schedule", cfg.sampler.schedule, SCHEDULES)
+    _at_least("sampler.cycle_epochs", cfg.sampler.cycle_epochs, 1)
+    _in_range("sampler.exploration_fraction", cfg.sampler.exploration_fraction, 0.0, 1.0, low_open=False)
+    _check_sampling_phase(cfg.sampler)
+    _in_range("sampler.psgld_decay", cfg.sampler.psgld_decay, 0.0, 1.0, low_open=False)
+    _positive("sampler.psgld_epsilon", cfg.sampler.psgld_epsilon)
+
     _at_least("training.num_epochs", cfg.training.num_epochs, 1)
     _at_least("training.seed", cfg.training.seed, 0)
     _at_least("training.validate_every_epochs", cfg.training.validate_every_epochs, 0)
@@ -378,6 +412,16 @@ def validate(cfg: Config) -> None:
             f"samples.start_epoch={cfg.samples.start_epoch} is after the last epoch "
             f"(training.num_epochs={cfg.training.num_epochs}), so no posterior sample would be "
             f"written; allowed: 1 <= samples.start_epoch <= training.num_epochs"
+        )
+    if _first_sample_epoch(cfg) is None:
+        raise ConfigError(
+            f"no epoch from samples.start_epoch={cfg.samples.start_epoch} to "
+            f"training.num_epochs={cfg.training.num_epochs} in steps of "
+            f"samples.every_epochs={cfg.samples.every_epochs} lies wholly in a sampling phase of "
+            f"the cyclical schedule (the last {_sampling_epochs_per_cycle(cfg.sampler)} of every "
+            f"sampler.cycle_epochs={cfg.sampler.cycle_epochs} epochs), so no posterior sample would "
+            f"be written; raise training.num_epochs or change samples.start_epoch or "
+            f"samples.every_epochs"
         )
     _at_least("checkpoint.every_epochs", cfg.checkpoint.every_epochs, 1)
     if cfg.checkpoint.keep_last is not None:
@@ -406,6 +450,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("wandb.project is empty; set a project name, e.g. wandb.project=dist-bnn")
 
 
+def _check_sampling_phase(sampler: SamplerConfig) -> None:
+    if sampler.schedule == "cyclical" and _sampling_epochs_per_cycle(sampler) == 0:
+        raise ConfigError(
+            f"sampler.exploration_fraction={sampler.exploration_fraction!r} with "
+            f"sampler.cycle_epochs={sampler.cycle_epochs} leaves no epoch wholly in the sampling "
+            f"phase, so no posterior sample would be written; allowed: "
+            f"sampler.exploration_fraction <= (cycle_epochs - 1) / cycle_epochs = "
+            f"{(sampler.cycle_epochs - 1) / sampler.cycle_epochs:g}, or raise sampler.cycle_epochs"
+        )
+
+
 def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
@@ -428,6 +483,49 @@ def _in_range(key: str, value: float, low: float, high: float, low_open: bool) -
     if not ok:
         bracket = "(" if low_open else "["
         raise ConfigError(f"{key}={value!r} is invalid; allowed: {bracket}{low:g}, {high:g})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample epochs
+
+
+def is_sample_epoch(cfg: Config, epoch: int) -> bool:
+    """Return whether the weights at the end of ``epoch`` (1-based) are a posterior sample.
+
+    The rule: ``epoch >= samples.start_epoch``, ``epoch - samples.start_epoch`` is a multiple of
+    ``samples.every_epochs``, and, with ``sampler.schedule=cyclical``, the whole epoch lies in
+    the sampling phase of its cycle, so none of its steps ran without noise.
+    """
+    samples = cfg.samples
+    if epoch < samples.start_epoch or (epoch - samples.start_epoch) % samples.every_epochs:
+        return False
+    return in_sampling_phase(cfg.sampler, epoch)
+
+
+def in_sampling_phase(sampler: SamplerConfig, epoch: int) -> bool:
+    """Return whether every step of ``epoch`` (1-based) runs with noise under ``sampler``.
+
+    Always true for the constant schedule. Under the cyclical one, epoch ``e`` starts at the
+    cycle phase ``((e - 1) mod cycle_epochs) / cycle_epochs``, and the noise of a step is on
+    once its phase reaches ``exploration_fraction``. The phase only grows within a cycle, so an
+    epoch that starts in the sampling phase stays in it.
+    """
+    if sampler.schedule == "constant":
+        return True
+    return ((epoch - 1) % sampler.cycle_epochs) / sampler.cycle_epochs >= sampler.exploration_fraction
+
+
+def _first_sample_epoch(cfg: Config) -> int | None:
+    """Return the first epoch that :func:`is_sample_epoch` accepts, or ``None`` if no epoch up
+    to ``training.num_epochs`` is accepted."""
+    start, every = cfg.samples.start_epoch, cfg.samples.every_epochs
+    # The rule repeats with period lcm(every_epochs, cycle_epochs), so one period decides.
+    last = min(cfg.training.num_epochs, start + math.lcm(every, cfg.sampler.cycle_epochs) - 1)
+    return next((epoch for epoch in range(start, last + 1, every) if is_sample_epoch(cfg, epoch)), None)
+
+
+def _sampling_epochs_per_cycle(sampler: SamplerConfig) -> int:
+    return sum(in_sampling_phase(sampler, epoch) for epoch in range(1, sampler.cycle_epochs + 1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ BAD_INPUTS = [
         id="start-epoch-after-last",
     ),
     pytest.param(
-        BadInput(("run.dir=r", "sampler.name=adam"), ("sampler.name", "'adam'", "sgld, sghmc")),
+        BadInput(("run.dir=r", "sampler.name=adam"), ("sampler.name", "'adam'", "sgld, sghmc, psgld")),
         id="sampler-name",
     ),
     pytest.param(
@@ -130,6 +130,75 @@ BAD_INPUTS = [
     pytest.param(
         BadInput(("run.dir=r", "sampler.prior_std=0"), ("sampler.prior_std=0", "sampler.prior_std > 0")),
         id="prior-std-zero",
+    ),
+    pytest.param(
+        BadInput(("run.dir=r", "sampler.schedule=linear"), ("sampler.schedule", "'linear'", "constant, cyclical")),
+        id="schedule-name",
+    ),
+    pytest.param(
+        BadInput(("run.dir=r", "sampler.cycle_epochs=0"), ("sampler.cycle_epochs=0", "sampler.cycle_epochs >= 1")),
+        id="cycle-epochs-zero",
+    ),
+    pytest.param(
+        BadInput(("run.dir=r", "sampler.cycle_epochs=2.5"), ("sampler.cycle_epochs", "2.5", "int")),
+        id="cycle-epochs-fractional",
+    ),
+    pytest.param(
+        BadInput(
+            ("run.dir=r", "sampler.exploration_fraction=1"),
+            ("sampler.exploration_fraction=1", "[0, 1)"),
+        ),
+        id="exploration-fraction-one",
+    ),
+    pytest.param(
+        BadInput(
+            ("run.dir=r", "sampler.exploration_fraction=-0.1"),
+            ("sampler.exploration_fraction=-0.1", "[0, 1)"),
+        ),
+        id="exploration-fraction-negative",
+    ),
+    pytest.param(
+        BadInput(
+            ("run.dir=r", "sampler.schedule=cyclical", "sampler.cycle_epochs=10", "sampler.exploration_fraction=0.95"),
+            ("sampler.exploration_fraction=0.95", "sampler.cycle_epochs=10", "no epoch wholly in the sampling phase", "<= (cycle_epochs - 1) / cycle_epochs = 0.9"),
+        ),
+        id="no-sampling-epoch-per-cycle",
+    ),
+    pytest.param(
+        BadInput(
+            ("run.dir=r", "sampler.schedule=cyclical", "sampler.cycle_epochs=1", "sampler.exploration_fraction=0.5"),
+            ("sampler.exploration_fraction=0.5", "sampler.cycle_epochs=1", "no epoch wholly in the sampling phase"),
+        ),
+        id="one-epoch-cycle-with-exploration",
+    ),
+    pytest.param(
+        BadInput(
+            (
+                "run.dir=r", "sampler.schedule=cyclical", "sampler.cycle_epochs=10",
+                "sampler.exploration_fraction=0.5", "training.num_epochs=5", "samples.start_epoch=1",
+            ),
+            ("samples.start_epoch=1", "training.num_epochs=5", "the last 5 of every sampler.cycle_epochs=10", "no posterior sample"),
+        ),
+        id="no-sample-before-last-epoch",
+    ),
+    pytest.param(
+        BadInput(
+            (
+                "run.dir=r", "sampler.schedule=cyclical", "sampler.cycle_epochs=4",
+                "sampler.exploration_fraction=0.6", "training.num_epochs=1000",
+                "samples.start_epoch=1", "samples.every_epochs=4",
+            ),
+            ("samples.every_epochs=4", "no posterior sample"),
+        ),
+        id="thinning-misses-sampling-phases",
+    ),
+    pytest.param(
+        BadInput(("run.dir=r", "sampler.psgld_decay=1"), ("sampler.psgld_decay=1", "[0, 1)")),
+        id="psgld-decay-one",
+    ),
+    pytest.param(
+        BadInput(("run.dir=r", "sampler.psgld_epsilon=0"), ("sampler.psgld_epsilon=0", "sampler.psgld_epsilon > 0")),
+        id="psgld-epsilon-zero",
     ),
     pytest.param(
         BadInput(("run.dir=r", "data.batch_size=0"), ("data.batch_size=0", "data.batch_size >= 1")),
@@ -251,6 +320,39 @@ def test_digits_config_keeps_yaml_values(tmp_path: Path) -> None:
             if (section, key) == ("run", "dir"):
                 continue
             assert loaded[section][key] == value, f"{section}.{key}"
+
+
+def test_cyclical_and_psgld_fields_load(tmp_path: Path) -> None:
+    overrides = [
+        f"run.dir={tmp_path}",
+        "sampler.name=psgld",
+        "sampler.schedule=cyclical",
+        "sampler.cycle_epochs=8",
+        "sampler.exploration_fraction=0.75",
+        "sampler.psgld_decay=0.9",
+        "sampler.psgld_epsilon=1e-4",
+        "training.num_epochs=16",
+        "samples.start_epoch=1",
+    ]
+
+    sampler = load_config(None, overrides).sampler
+
+    assert sampler.name == "psgld"
+    assert sampler.schedule == "cyclical"
+    assert sampler.cycle_epochs == 8
+    assert type(sampler.cycle_epochs) is int
+    assert sampler.exploration_fraction == 0.75
+    assert sampler.psgld_decay == 0.9
+    assert sampler.psgld_epsilon == 1e-4
+    assert type(sampler.psgld_epsilon) is float
+
+
+def test_sampler_defaults_constant_schedule(tmp_path: Path) -> None:
+    sampler = load_config(None, [f"run.dir={tmp_path}"]).sampler
+
+    assert sampler.schedule == "constant"
+    assert 0 <= sampler.exploration_fraction < 1
+    assert sampler.cycle_epochs >= 1
 
 
 def test_later_override_wins(tmp_path: Path) -> None:

@@ -98,14 +98,14 @@ def test_partial_checkpoint_removed(tmp_path, env):
 
 
 def test_sample_conflict_detected(tmp_path):
-    store = SampleStore(tmp_path, start_epoch=1, every_epochs=1)
+    store = SampleStore(tmp_path)
     torch.manual_seed(0)
     model = MLP(3, [4], 2)
     store.write(1, model)
-    again = SampleStore(tmp_path, start_epoch=1, every_epochs=1)
+    again = SampleStore(tmp_path)
     again.write(1, model)  # identical tensors: kept
     with torch.no_grad():
         model[0].bias += 1
-    other = SampleStore(tmp_path, start_epoch=1, every_epochs=1)
+    other = SampleStore(tmp_path)
     with pytest.raises(SampleConflictError, match="already exists with different tensors"):
         other.write(1, model)

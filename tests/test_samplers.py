@@ -1,4 +1,4 @@
-"""Tests of SGLD and SGHMC on CPU tensors, with no process group.
+"""Tests of SGLD, SGHMC and pSGLD on CPU tensors, with no process group.
 
 They check the documented update rules, the noise stream that every replica shares and that
 survives a checkpoint round trip, and the stationary law of SGLD on a Gaussian target."""
@@ -15,13 +15,15 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from dist_bnn.samplers import NOISE_STATE_KEY, SGHMC, SGLD, SGMCMC
+from dist_bnn.samplers import NOISE_STATE_KEY, PSGLD, SGHMC, SGLD, SGMCMC
 
 NOISE_SEED = 1234
 LR = 0.01
 NUM_DATA = 50
 PRIOR_STD = 0.7
 MOMENTUM = 0.8
+DECAY = 0.9
+EPSILON = 1e-3
 PARAM_SHAPES = [(3, 4), (4,), (2, 2, 3)]
 
 # Maximum absolute difference, per element of float64 values of order 1, between a sampler's
@@ -55,6 +57,8 @@ def build(
     )
     if name == "sgld":
         return SGLD(params, **common)
+    if name == "psgld":
+        return PSGLD(params, decay=DECAY, epsilon=EPSILON, **common)
     return SGHMC(params, momentum=MOMENTUM, **common)
 
 
@@ -69,7 +73,8 @@ def snapshot(params) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Hand-written references of the rules in the module docstrings of sgld.py and sghmc.py
+# Hand-written references of the rules in the module docstrings of sgld.py, sghmc.py and
+# psgld.py
 
 
 def sgld_reference(
@@ -105,17 +110,42 @@ def sghmc_reference(
     return new_thetas, new_velocities
 
 
+def psgld_reference(
+    thetas: list[torch.Tensor],
+    square_avgs: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    generator: torch.Generator,
+    temperature: float,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """V <- a V + (1 - a) g^2; G = 1 / (eps + sqrt(V)); theta <- theta - lr G g
+    + sqrt(2 lr T G / N) * xi, with g = grad L + theta / (N prior_std^2)."""
+    new_thetas, new_square_avgs = [], []
+    for theta, square_avg, grad in zip(thetas, square_avgs, grads):
+        potential_grad = grad + theta / (NUM_DATA * PRIOR_STD**2)
+        square_avg = DECAY * square_avg + (1 - DECAY) * potential_grad**2
+        preconditioner = 1 / (EPSILON + square_avg.sqrt())
+        new_theta = theta - LR * preconditioner * potential_grad
+        if temperature > 0:
+            xi = torch.randn(theta.shape, generator=generator, dtype=theta.dtype)
+            new_theta = new_theta + torch.sqrt(2 * LR * temperature * preconditioner / NUM_DATA) * xi
+        new_square_avgs.append(square_avg)
+        new_thetas.append(new_theta)
+    return new_thetas, new_square_avgs
+
+
 def reference_trajectory(name: str, num_steps: int, temperature: float) -> list[torch.Tensor]:
     """Parameters after ``num_steps`` steps of the reference rule, from make_params()."""
     generator = torch.Generator().manual_seed(NOISE_SEED)
     thetas = snapshot(make_params())
-    velocities = [torch.zeros_like(theta) for theta in thetas]
+    buffers = [torch.zeros_like(theta) for theta in thetas]
     for step in range(num_steps):
         grads = [param.grad for param in gradient_holders(thetas, step)]
         if name == "sgld":
             thetas = sgld_reference(thetas, grads, generator, temperature)
+        elif name == "psgld":
+            thetas, buffers = psgld_reference(thetas, buffers, grads, generator, temperature)
         else:
-            thetas, velocities = sghmc_reference(thetas, velocities, grads, generator, temperature)
+            thetas, buffers = sghmc_reference(thetas, buffers, grads, generator, temperature)
     return thetas
 
 
@@ -138,7 +168,7 @@ def assert_bitwise_equal(actual, expected) -> None:
         assert torch.equal(got.detach(), want.detach()), f"parameter {index} differs"
 
 
-SAMPLER_NAMES = ["sgld", "sghmc"]
+SAMPLER_NAMES = ["sgld", "sghmc", "psgld"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +194,22 @@ def test_zero_temperature_is_deterministic(name: str) -> None:
     run_steps(sampler, params, range(3))
 
     assert_close_to(params, reference_trajectory(name, 3, temperature=0.0))
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_noise_off_matches_zero_temperature(name: str) -> None:
+    """A step with ``add_noise`` false (a schedule's exploration phase) is the temperature-0
+    step and leaves the noise generator where it was."""
+    params = make_params()
+    sampler = build(name, params)
+    untouched = torch.Generator().manual_seed(NOISE_SEED).get_state()
+    for group in sampler.param_groups:
+        group["add_noise"] = False
+
+    run_steps(sampler, params, range(3))
+
+    assert_close_to(params, reference_trajectory(name, 3, temperature=0.0))
+    assert torch.equal(sampler.state_dict()["state"][0][NOISE_STATE_KEY], untouched)
 
 
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
@@ -381,6 +427,11 @@ BAD_HYPERPARAMETERS = [
     pytest.param(SGHMC, dict(prior_std=-1.0), "0 < prior_std < inf", id="prior-std-negative"),
     pytest.param(SGLD, dict(num_data=0), "num_data >= 1", id="sgld-num-data-zero"),
     pytest.param(SGHMC, dict(num_data=0), "num_data >= 1", id="sghmc-num-data-zero"),
+    pytest.param(PSGLD, dict(lr=0.0), "0 < lr < inf", id="psgld-lr-zero"),
+    pytest.param(PSGLD, dict(decay=1.0), "decay < 1", id="psgld-decay-one"),
+    pytest.param(PSGLD, dict(decay=-0.5), "0 <= decay", id="psgld-decay-negative"),
+    pytest.param(PSGLD, dict(epsilon=0.0), "0 < epsilon", id="psgld-epsilon-zero"),
+    pytest.param(PSGLD, dict(epsilon=math.nan), "0 < epsilon", id="psgld-epsilon-nan"),
 ]
 
 

@@ -30,13 +30,17 @@ class SGMCMC(Optimizer):
     independent per-rank noise the replicas would drift apart. Averaging their noise instead
     would shrink its variance by the world size and make the chain colder.
 
+    Every parameter group has the key ``add_noise`` (default true). A schedule sets it to false,
+    together with ``lr``, for the steps of a noise-free exploration phase (see
+    :mod:`dist_bnn.samplers.schedules`); those steps leave the noise generator untouched.
+
     Construct on every rank. Per-parameter state is created eagerly, which also stops DCP's
     ``get_state_dict`` from initialising it with a zero-gradient ``step()`` that would advance
     the noise generator.
     """
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], noise_seed: int) -> None:
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, "add_noise": True})
         first = self._first_param()
         self._noise_generator = torch.Generator(device=first.device)
         self._noise_generator.manual_seed(noise_seed)
@@ -46,8 +50,23 @@ class SGMCMC(Optimizer):
         self.state[first][NOISE_STATE_KEY] = self._noise_generator.get_state()
 
     def _init_param_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return the initial per-parameter state; samplers with momentum override this."""
+        """Return the initial per-parameter state; samplers with buffers override this."""
         return {}
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """Apply one update of the sampler's rule to every parameter group."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._update_group(group)
+        return loss
+
+    def _update_group(self, group: dict[str, Any]) -> None:
+        """Update the parameters of ``group`` in place; every sampler defines its rule here."""
+        raise NotImplementedError
 
     def _first_param(self) -> torch.Tensor:
         return self.param_groups[0]["params"][0]
@@ -76,8 +95,8 @@ class SGMCMC(Optimizer):
     def _noise_like(self, param: torch.Tensor, std: float) -> torch.Tensor | None:
         """Draw ``std * N(0, I)`` shaped like ``param`` from the shared generator.
 
-        Returns ``None`` without touching the generator when ``std`` is 0 (temperature 0),
-        so a noise-free run leaves the stream where it was.
+        Returns ``None`` without touching the generator when ``std`` is 0 (temperature 0 or a
+        noise-free step of a schedule), so a noise-free step leaves the stream where it was.
         """
         if std == 0:
             return None
@@ -88,7 +107,10 @@ class SGMCMC(Optimizer):
 
     @staticmethod
     def _noise_std(variance_scale: float, group: dict[str, Any]) -> float:
-        """Return ``sqrt(2 * variance_scale * lr * T / N)``, the Langevin noise scale."""
+        """Return ``sqrt(2 * variance_scale * lr * T / N)``, the Langevin noise scale, or 0 in a
+        step that a schedule runs without noise."""
+        if not group["add_noise"]:
+            return 0.0
         return math.sqrt(
             2.0 * variance_scale * group["lr"] * group["temperature"] / group["num_data"]
         )

@@ -48,19 +48,12 @@ class SGHMC(SGMCMC):
     def _init_param_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"momentum_buffer": torch.zeros_like(param, memory_format=torch.preserve_format)}
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            noise_std = self._noise_std(1.0 - group["momentum"], group)
-            for param in group["params"]:
-                velocity = self.state[param]["momentum_buffer"]
-                velocity.mul_(group["momentum"]).add_(self._potential_grad(param, group), alpha=-group["lr"])
-                noise = self._noise_like(param, noise_std)
-                if noise is not None:
-                    velocity.add_(noise)
-                param.add_(velocity)
-        return loss
+    def _update_group(self, group: dict[str, Any]) -> None:
+        noise_std = self._noise_std(1.0 - group["momentum"], group)
+        for param in group["params"]:
+            velocity = self.state[param]["momentum_buffer"]
+            velocity.mul_(group["momentum"]).add_(self._potential_grad(param, group), alpha=-group["lr"])
+            noise = self._noise_like(param, noise_std)
+            if noise is not None:
+                velocity.add_(noise)
+            param.add_(velocity)

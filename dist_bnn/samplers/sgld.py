@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-import torch
-
 from dist_bnn.samplers.base import SGMCMC
 
 
@@ -33,17 +31,10 @@ class SGLD(SGMCMC):
         defaults = {"lr": lr, "num_data": num_data, "temperature": temperature, "prior_std": prior_std}
         super().__init__(params, defaults, noise_seed)
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            noise_std = self._noise_std(1.0, group)
-            for param in group["params"]:
-                param.add_(self._potential_grad(param, group), alpha=-group["lr"])
-                noise = self._noise_like(param, noise_std)
-                if noise is not None:
-                    param.add_(noise)
-        return loss
+    def _update_group(self, group: dict[str, Any]) -> None:
+        noise_std = self._noise_std(1.0, group)
+        for param in group["params"]:
+            param.add_(self._potential_grad(param, group), alpha=-group["lr"])
+            noise = self._noise_like(param, noise_std)
+            if noise is not None:
+                param.add_(noise)

@@ -42,19 +42,16 @@ def tensor_state(model: nn.Module) -> dict[str, torch.Tensor]:
 class SampleStore:
     """The run's posterior samples and the list of sample files committed so far.
 
+    Which epochs are samples is decided by :func:`dist_bnn.config.is_sample_epoch`.
+
     Build on every rank: every rank keeps the same list, and only the writer touches files.
     """
 
-    def __init__(self, run_dir: Path, start_epoch: int, every_epochs: int) -> None:
+    def __init__(self, run_dir: Path) -> None:
         self.dir = run_dir / SAMPLES_DIR
-        self.start_epoch = start_epoch
-        self.every_epochs = every_epochs
         self.files: list[str] = []
         # Size and sha256 per file, known on rank 0 only; committed in the manifest.
         self.digests: dict[str, dict] = {}
-
-    def is_due(self, epoch: int) -> bool:
-        return epoch >= self.start_epoch and (epoch - self.start_epoch) % self.every_epochs == 0
 
     def paths(self) -> list[Path]:
         return [self.dir / name for name in self.files]

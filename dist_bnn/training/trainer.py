@@ -28,13 +28,14 @@ from dist_bnn.checkpoint import manager
 from dist_bnn.checkpoint.manifest import Manifest
 from dist_bnn.checkpoint.replicas import check_replicas, tree_fingerprint
 from dist_bnn.checkpoint.rng import capture_rng_state, derive_seed, restore_rng_state, seed_rank_rngs
-from dist_bnn.config import Config, config_hash, to_dict
+from dist_bnn.config import Config, config_hash, is_sample_epoch, to_dict
 from dist_bnn.data import attach_sampler_epoch, build_eval_loader, build_train_loader, load_splits
 from dist_bnn.errors import ResumeError
 from dist_bnn.evaluation.bma import evaluate_bma, evaluate_weights
 from dist_bnn.logs import setup_logging
 from dist_bnn.models import MLP
 from dist_bnn.samplers import build_sampler
+from dist_bnn.samplers.schedules import apply_step_settings, step_settings
 from dist_bnn.training.preemption import Preempted, PreemptionFlag
 from dist_bnn.training.run_dir import RunPlan, plan_run, write_identity
 from dist_bnn.training.samples import SampleStore, unwrap
@@ -144,7 +145,7 @@ class TrainingJob:
         self.preempted_checkpoint: Path | None = None
         self._build_data()
         self._build_model()
-        self.samples = SampleStore(run_dir, cfg.samples.start_epoch, cfg.samples.every_epochs)
+        self.samples = SampleStore(run_dir)
         self.tracker = Tracker(run_dir, cfg.wandb, plan.run_id, to_dict(cfg))
         self.engine = self._build_engine()
         self.async_checkpointer = manager.AsyncCheckpointer() if cfg.checkpoint.async_save else None
@@ -167,6 +168,7 @@ class TrainingJob:
             resumed_epoch = 0
         self.tracker.start(resumed_epoch)
 
+        self.engine.add_event_handler(Events.ITERATION_STARTED, self._set_step_settings)
         self.engine.add_event_handler(Events.ITERATION_COMPLETED, self._check_preemption)
         self._first_step_logged = False
         self.engine.add_event_handler(Events.ITERATION_COMPLETED, self._log_first_step)
@@ -314,6 +316,18 @@ class TrainingJob:
     # -----------------------------------------------------------------------------------------
     # Event handlers
 
+    def _set_step_settings(self, engine: Engine) -> None:
+        """Set the step size and noise switch of the coming step from the schedule.
+
+        Ignite has already counted the coming iteration in ``engine.state``. The settings depend
+        on the epoch and the batch index only, which a resume restores, so the schedule keeps no
+        state of its own.
+        """
+        state = engine.state
+        batch_index = (state.iteration - 1) % state.epoch_length
+        settings = step_settings(self.cfg.sampler, state.epoch - 1, batch_index, state.epoch_length)
+        apply_step_settings(self.optimizer, settings)
+
     def _check_preemption(self, engine: Engine) -> None:
         """Stop every rank at this iteration if any rank was signalled. Every rank runs this."""
         if not self.preemption.requested_anywhere(self.device):
@@ -342,7 +356,7 @@ class TrainingJob:
         self.tracker.record_epoch(row)
         logger.info("epoch %d/%d: %s", epoch, num_epochs, _format(row))
 
-        if self.samples.is_due(epoch):
+        if is_sample_epoch(cfg, epoch):
             self.samples.write(epoch, self.model)
 
         final_metrics = None
