@@ -72,6 +72,25 @@ def test_changed_trajectory_rejected(finished):
     assert sorted(p for p in finished["dir"].rglob("*")) == before
 
 
+def test_run_file_of_an_older_version_resumes(finished):
+    # A run.json written before sampler.schedule and the pSGLD keys existed: the missing keys
+    # count as their defaults, which keep the behaviour of that older version.
+    from dist_bnn.config import load_config
+    from dist_bnn.training.run_dir import plan_run
+
+    identity = json.loads((finished["dir"] / "run.json").read_text())
+    older = {k: v for k, v in identity["trajectory"].items() if not k.startswith(("sampler.schedule", "sampler.psgld"))}
+    assert len(older) < len(identity["trajectory"])
+    (finished["dir"] / "run.json").write_text(json.dumps({**identity, "trajectory": older}))
+    try:
+        cfg = load_config(job(finished["dir"])[0], job(finished["dir"])[1:])
+        assert plan_run(finished["dir"], cfg, 1).error is None
+        changed = load_config(job(finished["dir"])[0], [*job(finished["dir"])[1:], "sampler.schedule=cyclical", "sampler.cycle_epochs=3"])
+        assert "sampler.schedule: 'constant' -> 'cyclical'" in plan_run(finished["dir"], changed, 1).error
+    finally:
+        (finished["dir"] / "run.json").write_text(json.dumps(identity))
+
+
 def test_resume_disabled_rejected(finished):
     result = run(train_command(job(finished["dir"], "run.resume=false")), finished["env"])
     assert result.returncode == 2

@@ -124,6 +124,10 @@ def _read_identity(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise _PlanError(f"{path} is unreadable ({err}); restore it or choose a new run.dir") from None
     current = trajectory_values(cfg)
+    # A key that a later version added is missing from an older run.json; new keys default to
+    # the behaviour before they existed, so the stored run had the default.
+    defaults = trajectory_values(Config())
+    stored = {**{key: defaults[key] for key in current if key not in stored and key in defaults}, **stored}
     changed = [
         f"{key}: {stored.get(key)!r} -> {current.get(key)!r}"
         for key in sorted(set(stored) | set(current))
