@@ -166,3 +166,15 @@ def test_fixed_noise_run_keeps_best_by_rmse(finished, tmp_path):
     assert {manifest["epoch"] for manifest in retained} == {best_epoch, 4}
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert set(metrics) == {*METRIC_KEYS, "num_samples", "by_num_samples"}
+
+
+def test_two_rank_training(finished, tmp_path):
+    # The inferred noise scale passes through forward, so DDP all-reduces its gradient and the
+    # replica check at every checkpoint finds both ranks holding the same value.
+    run_dir = tmp_path / "run"
+    run_ok(train_command(job(run_dir), nproc=2), finished["env"])
+    final = newest_manifest(run_dir)["final_metrics"]
+    assert final["test/num_samples"] == 3
+    assert math.isfinite(final["test/nll"])
+    sample = torch.load(run_dir / "samples" / "sample_0004.pt", weights_only=True)
+    assert sample["log_noise_std.latent"].item() != 0.0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO, make_env, run
 
-from dist_bnn.config import ConfigError, DataConfig
+from dist_bnn.config import ConfigError, DataConfig, load_config
 from dist_bnn.data import TOY1D_NUM_EXAMPLES, load_splits, toy1d_arrays
 
 # Standardised training columns have mean 0 and standard deviation 1 up to float32 rounding.
@@ -144,6 +144,26 @@ def test_uci_missing_root(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_splits(uci_config(tmp_path / "absent"), seed=0)
     assert f"data.root={tmp_path / 'absent'} is not a directory" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.name=uci"], "data.name=uci needs data.root"),
+        (["data.name=uci", "data.root=x", "data.split=-1"], "data.split=-1 is invalid; allowed: data.split >= 0"),
+        (["data.val_fraction=0"], "data.val_fraction=0 leaves no validation examples"),
+    ],
+    ids=["uci-without-root", "negative-split", "validation-without-examples"],
+)
+def test_data_config_errors(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["run.dir=unused", *overrides])
+    assert message in str(error.value)
+
+
+def test_root_ignored_outside_uci(tmp_path, caplog):
+    load_splits(DataConfig(name="diabetes", root=str(tmp_path)), seed=0)
+    assert "data.root and data.split are used by data.name=uci only" in caplog.text
 
 
 def test_cli_missing_root_exits_2(tmp_path):
