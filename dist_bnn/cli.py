@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="compute test metrics and plots of the Bayesian model average of a run's samples",
         description="Evaluate the Bayesian model average of the posterior samples committed by "
-        "the newest checkpoint of RUN_DIR on its test split, and write RUN_DIR/eval/metrics.json, "
-        "reliability.png and metrics_vs_samples.png. Launch under torchrun to split the samples "
-        "over several processes. Classification data sets only.",
+        "the newest checkpoint of RUN_DIR on its test split, and write RUN_DIR/eval/metrics.json "
+        "and metrics_vs_samples.png, plus reliability.png for classification and predictive.png "
+        "for regression with one input. Launch under torchrun to split the samples over several "
+        "processes.",
     )
     evaluate.add_argument("run_dir", metavar="RUN_DIR", help="run.dir of a `dist-bnn train` run")
     _add_log_level(evaluate)
@@ -180,7 +181,8 @@ def _run(job: Callable[[], None]) -> int:
     """Run ``job`` and map the failures a user can act on to an exit code and one message."""
     try:
         job()
-    except (UsageError, NotImplementedError) as err:
+    except (UsageError, ConfigError, NotImplementedError) as err:
+        # ConfigError here comes from data loading: a UCI directory, file or split not found.
         return _report(err, EXIT_USAGE)
     except (CheckpointSaveError, SampleConflictError, ReplicaMismatchError) as err:
         return _report(err, EXIT_FAILURE)

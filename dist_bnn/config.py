@@ -22,13 +22,18 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-DATASETS = ("digits", "breast_cancer")
+CLASSIFICATION_DATASETS = ("digits", "breast_cancer", "wine")
+REGRESSION_DATASETS = ("diabetes", "uci", "toy1d")
+DATASETS = CLASSIFICATION_DATASETS + REGRESSION_DATASETS
 SAMPLERS = ("sgld", "sghmc", "psgld")
 SCHEDULES = ("constant", "cyclical")
 ACTIVATIONS = ("relu", "tanh")
 WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("auto", "gloo", "nccl")
-BEST_METRICS = ("val/nll", "val/accuracy", "train/loss")
+NOISE_MODES = ("fixed", "inferred")
+# Metrics that can rank checkpoints, per task: validation metrics exist only for their task.
+BEST_METRICS = ("val/nll", "val/accuracy", "val/rmse", "train/loss")
+_TASK_METRICS = {"classification": "val/accuracy", "regression": "val/rmse"}
 BEST_MODES = ("min", "max")
 
 
@@ -49,13 +54,23 @@ class RunConfig:
 @dataclass
 class DataConfig:
     name: str = "digits"
-    """Data set shipped with scikit-learn: ``digits`` (10 classes) or ``breast_cancer`` (2)."""
+    """Data set. Classification, from scikit-learn: ``digits`` (10 classes), ``breast_cancer``
+    (2), ``wine`` (3). Regression: ``diabetes`` (scikit-learn), ``uci`` (a directory in the UCI
+    split format, see ``data.root``) or ``toy1d`` (a synthetic 1-D set with a gap in its inputs)."""
+    root: str | None = None
+    """Directory of a data set in the UCI split format, for ``data.name=uci``: ``data.txt``,
+    ``index_features.txt``, ``index_target.txt``, ``index_train_K.txt``, ``index_test_K.txt``."""
+    split: int = 0
+    """Index K of the train/test split of ``data.name=uci``; its test set replaces
+    ``data.test_fraction``."""
     batch_size: int = 64
     """Global mini-batch size in examples, summed over all ranks. Must divide by the world size."""
     val_fraction: float = 0.15
-    """Fraction of all examples held out for validation, in [0, 1)."""
+    """Fraction of all examples held out for validation, in [0, 1); with ``data.name=uci``, the
+    fraction of the split's training examples."""
     test_fraction: float = 0.2
-    """Fraction of all examples held out for the final test, in (0, 1)."""
+    """Fraction of all examples held out for the final test, in (0, 1). Unused by
+    ``data.name=uci``, whose split files fix the test set."""
     shuffle: bool = True
     """Shuffle the training set every epoch (a different, seeded order per epoch)."""
     eval_batch_size: int = 512
@@ -69,6 +84,24 @@ class ModelConfig:
     """Width of each hidden layer of the MLP; an empty list gives a linear model."""
     activation: str = "relu"
     """Hidden-layer non-linearity: ``relu`` or ``tanh``."""
+
+
+@dataclass
+class LikelihoodConfig:
+    """Observation noise of the Gaussian likelihood of regression data sets. Classification
+    data sets use a categorical likelihood and no key of this section."""
+
+    noise: str = "inferred"
+    """``fixed``: the noise standard deviation is ``likelihood.noise_std``. ``inferred``: its
+    logarithm is a parameter of the model with a Gaussian prior of its own, sampled with the
+    weights."""
+    noise_std: float | None = None
+    """Noise standard deviation in the target's original units. ``fixed`` needs it; for
+    ``inferred`` it is the median of the log-normal prior, and ``null`` takes the training
+    split's target standard deviation."""
+    log_noise_prior_std: float = 1.0
+    """Standard deviation of the Gaussian prior on the natural log of the noise standard
+    deviation (``inferred`` only)."""
 
 
 @dataclass
@@ -146,8 +179,8 @@ class CheckpointConfig:
     """Number of best checkpoints by ``checkpoint.best_metric`` kept besides the newest ones
     (only with ``checkpoint.keep_last`` set); 0 keeps none for their metric."""
     best_metric: str = "val/nll"
-    """Metric that ranks checkpoints for ``checkpoint.keep_best``: ``val/nll``,
-    ``val/accuracy`` or ``train/loss``."""
+    """Metric that ranks checkpoints for ``checkpoint.keep_best``: ``val/nll``, ``train/loss``,
+    ``val/accuracy`` (classification) or ``val/rmse`` (regression, in the target's units)."""
     best_mode: str = "min"
     """``min`` if a smaller ``checkpoint.best_metric`` is better, ``max`` if a larger one is."""
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
@@ -189,6 +222,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
@@ -199,7 +233,7 @@ class Config:
 
 # Sections and keys that decide the trajectory of the chain. Resuming a run with any of them
 # changed would mix two different chains in one run directory, so it is rejected.
-TRAJECTORY_KEYS = ("data", "model", "sampler", "samples", "training.seed")
+TRAJECTORY_KEYS = ("data", "model", "likelihood", "sampler", "samples", "training.seed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,6 +378,7 @@ _SECTIONS = {
         RunConfig,
         DataConfig,
         ModelConfig,
+        LikelihoodConfig,
         SamplerConfig,
         TrainingConfig,
         SamplesConfig,
@@ -381,7 +416,8 @@ def validate(cfg: Config) -> None:
     _at_least("data.eval_batch_size", cfg.data.eval_batch_size, 1)
     _in_range("data.val_fraction", cfg.data.val_fraction, 0.0, 1.0, low_open=False)
     _in_range("data.test_fraction", cfg.data.test_fraction, 0.0, 1.0, low_open=True)
-    if cfg.data.val_fraction + cfg.data.test_fraction >= 0.9:
+    _validate_data_source(cfg.data)
+    if cfg.data.name != "uci" and cfg.data.val_fraction + cfg.data.test_fraction >= 0.9:
         raise ConfigError(
             f"data.val_fraction + data.test_fraction = "
             f"{cfg.data.val_fraction + cfg.data.test_fraction:g} leaves under 10% of the data for "
@@ -389,6 +425,8 @@ def validate(cfg: Config) -> None:
         )
     for i, width in enumerate(cfg.model.hidden_sizes):
         _at_least(f"model.hidden_sizes[{i}]", width, 1)
+
+    _validate_likelihood(cfg.likelihood)
 
     _positive("sampler.lr", cfg.sampler.lr)
     _in_range("sampler.momentum", cfg.sampler.momentum, 0.0, 1.0, low_open=False)
@@ -405,6 +443,12 @@ def validate(cfg: Config) -> None:
     _at_least("training.num_epochs", cfg.training.num_epochs, 1)
     _at_least("training.seed", cfg.training.seed, 0)
     _at_least("training.validate_every_epochs", cfg.training.validate_every_epochs, 0)
+    if cfg.data.val_fraction == 0 and cfg.training.validate_every_epochs > 0:
+        raise ConfigError(
+            f"data.val_fraction=0 leaves no validation examples, but "
+            f"training.validate_every_epochs={cfg.training.validate_every_epochs} asks for "
+            f"validation; set training.validate_every_epochs=0 or a positive data.val_fraction"
+        )
     _at_least("samples.start_epoch", cfg.samples.start_epoch, 1)
     _at_least("samples.every_epochs", cfg.samples.every_epochs, 1)
     if cfg.samples.start_epoch > cfg.training.num_epochs:
@@ -429,6 +473,14 @@ def validate(cfg: Config) -> None:
     _at_least("checkpoint.keep_best", cfg.checkpoint.keep_best, 0)
     _choice("checkpoint.best_metric", cfg.checkpoint.best_metric, BEST_METRICS)
     _choice("checkpoint.best_mode", cfg.checkpoint.best_mode, BEST_MODES)
+    task = task_of(cfg.data.name)
+    for other_task, metric in _TASK_METRICS.items():
+        if cfg.checkpoint.best_metric == metric and other_task != task:
+            raise ConfigError(
+                f"checkpoint.best_metric={metric} exists for {other_task} data sets only, but "
+                f"data.name={cfg.data.name} is a {task} data set; use {_TASK_METRICS[task]}, "
+                f"val/nll or train/loss"
+            )
     catchable = sorted(s.name for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP))
     for i, name in enumerate(cfg.checkpoint.preempt_signals):
         _choice(f"checkpoint.preempt_signals[{i}]", name, catchable)
@@ -459,6 +511,35 @@ def _check_sampling_phase(sampler: SamplerConfig) -> None:
             f"sampler.exploration_fraction <= (cycle_epochs - 1) / cycle_epochs = "
             f"{(sampler.cycle_epochs - 1) / sampler.cycle_epochs:g}, or raise sampler.cycle_epochs"
         )
+
+
+def task_of(dataset: str) -> str:
+    """Return ``classification`` or ``regression`` for a value of ``data.name``."""
+    return "classification" if dataset in CLASSIFICATION_DATASETS else "regression"
+
+
+def _validate_data_source(data: DataConfig) -> None:
+    """Check the keys that locate a UCI-format directory; whether its files exist is checked
+    when the data is loaded."""
+    _at_least("data.split", data.split, 0)
+    if data.name == "uci" and not (data.root or "").strip():
+        raise ConfigError(
+            "data.name=uci needs data.root, the directory that contains data.txt and the "
+            "index_*.txt files; set it, e.g. data.root=data/uci/concrete"
+        )
+
+
+def _validate_likelihood(likelihood: LikelihoodConfig) -> None:
+    _choice("likelihood.noise", likelihood.noise, NOISE_MODES)
+    if likelihood.noise_std is not None:
+        _positive("likelihood.noise_std", likelihood.noise_std)
+    elif likelihood.noise == "fixed":
+        raise ConfigError(
+            "likelihood.noise=fixed needs likelihood.noise_std, the noise standard deviation in "
+            "the target's units; set it, e.g. likelihood.noise_std=0.5, or use "
+            "likelihood.noise=inferred"
+        )
+    _positive("likelihood.log_noise_prior_std", likelihood.log_noise_prior_std)
 
 
 def _choice(key: str, value: str, allowed: Sequence[str]) -> None:

@@ -1,17 +1,20 @@
-"""Classification metrics: sums that add up over data shards, and metrics of a whole set.
+"""Metrics: sums that add up over data shards, and metrics of a whole set.
 
-:class:`ClassificationSums` accumulates accuracy and NLL over the data shards of several ranks.
-:func:`classification_metrics` computes accuracy, NLL, ECE and Brier score from the log
-predictive probabilities of a whole evaluation set held by one rank.
+:class:`ClassificationSums` and :class:`RegressionSums` accumulate the validation metrics over
+the data shards of several ranks. :func:`classification_metrics` computes accuracy, NLL, ECE
+and Brier score from the log predictive probabilities of a whole evaluation set held by one
+rank, :func:`regression_metrics` the RMSE and test log-likelihood of a Gaussian predictive.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from dist_bnn import distributed
+from dist_bnn.likelihoods import LOG_DENSITY, MEAN, Gaussian, Likelihood
 
 
 class ClassificationSums:
@@ -38,6 +41,54 @@ class ClassificationSums:
         if count == 0:
             raise ValueError("no examples were evaluated")
         return {"accuracy": correct / count, "nll": nll / count, "count": int(count)}
+
+
+class RegressionSums:
+    """Running float64 sums of squared error, negative log predictive density and example
+    count, in the target's original units."""
+
+    def __init__(self, likelihood: Gaussian, device: torch.device) -> None:
+        self.likelihood = likelihood
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def update(self, predictive: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add a batch: ``predictive`` from :meth:`Gaussian.predictive`, standardised
+        ``targets``."""
+        squared_error = (predictive[:, MEAN] - self.likelihood.to_original_units(targets)) ** 2
+        count = torch.tensor(float(len(targets)), dtype=torch.float64, device=predictive.device)
+        self.sums += torch.stack([squared_error.sum(), -predictive[:, LOG_DENSITY].sum(), count])
+
+    def compute(self) -> dict[str, float]:
+        """Return RMSE, mean NLL and the example count over all ranks. Every rank must call
+        this."""
+        squared_error, nll, count = distributed.all_reduce_sum(self.sums.clone()).tolist()
+        if count == 0:
+            raise ValueError("no examples were evaluated")
+        return {"rmse": math.sqrt(squared_error / count), "nll": nll / count, "count": int(count)}
+
+
+def metric_sums(likelihood: Likelihood, device: torch.device) -> ClassificationSums | RegressionSums:
+    """Return empty sums of the validation metrics of ``likelihood``'s task."""
+    if isinstance(likelihood, Gaussian):
+        return RegressionSums(likelihood, device)
+    return ClassificationSums(device)
+
+
+def regression_metrics(predictive: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Return the RMSE of the predictive mean and the mean log predictive density (test
+    log-likelihood) of one set of predictions.
+
+    Args:
+        predictive: ``[examples, 3]`` from :meth:`Gaussian.predictive`, original units.
+        targets: ``[examples]`` targets in original units.
+    """
+    if len(targets) == 0:
+        raise ValueError("no examples to evaluate")
+    squared_error = (predictive[:, MEAN] - targets.double()) ** 2
+    return {
+        "rmse": math.sqrt(float(squared_error.mean())),
+        "test_ll": float(predictive[:, LOG_DENSITY].mean()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

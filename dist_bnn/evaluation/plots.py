@@ -1,4 +1,5 @@
-"""PNG figures of an evaluation: a reliability diagram and metrics against the number of samples.
+"""PNG figures of an evaluation: a reliability diagram, metrics against the number of samples
+and the predictive band of a regression on one input.
 
 Figures are drawn with matplotlib's Agg canvas directly, without pyplot, so no global backend
 is selected and no display is needed.
@@ -6,8 +7,9 @@ is selected and no display is needed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -19,12 +21,33 @@ from dist_bnn.evaluation.metrics import CalibrationBins
 _DPI = 120
 
 # (key in the metric dicts, axis label), one panel each in metrics_vs_samples.png.
-_CURVES = (
+CLASSIFICATION_CURVES = (
     ("accuracy", "accuracy"),
     ("nll", "NLL (nats per example)"),
     ("ece", "ECE"),
     ("brier", "Brier score"),
 )
+REGRESSION_CURVES = (
+    ("rmse", "RMSE (target units)"),
+    ("test_ll", "test log-likelihood (nats per example)"),
+)
+
+
+@dataclass
+class PredictiveBand:
+    """Predictive of a regression on one input over a grid, with the data it was fitted to.
+
+    Inputs are standardised; means, standard deviations and targets are in the target's units.
+    """
+
+    inputs: list[float]
+    mean: list[float]
+    std: list[float]
+    """Standard deviation of the predictive mixture, noise included."""
+    train: tuple[list[float], list[float]]
+    """Training-split inputs and targets."""
+    test: tuple[list[float], list[float]]
+    """Test-split inputs and targets."""
 
 
 def save_reliability_diagram(path: Path, bins: CalibrationBins, title: str) -> None:
@@ -62,22 +85,46 @@ def save_reliability_diagram(path: Path, bins: CalibrationBins, title: str) -> N
     _save(figure, path)
 
 
-def save_metrics_vs_samples(path: Path, by_num_samples: list[dict[str, Any]], title: str) -> None:
-    """Write one panel per metric against the number of samples averaged to ``path``,
-    atomically."""
-    figure = Figure(figsize=(9, 6.5))
+def save_metrics_vs_samples(
+    path: Path, by_num_samples: list[dict[str, Any]], title: str, curves: Sequence[tuple[str, str]]
+) -> None:
+    """Write one panel per ``(metric key, axis label)`` of ``curves`` against the number of
+    samples averaged to ``path``, atomically; two panels a row."""
+    num_rows = (len(curves) + 1) // 2
+    figure = Figure(figsize=(9, 3.25 * num_rows + 0.5))
     FigureCanvasAgg(figure)
-    axes = figure.subplots(2, 2, sharex=True).flatten()
+    axes = figure.subplots(num_rows, 2, sharex=True, squeeze=False).flatten()
     num_samples = [row["num_samples"] for row in by_num_samples]
     marker = "o" if len(num_samples) <= 50 else None
-    for ax, (key, label) in zip(axes, _CURVES):
+    for ax, (key, label) in zip(axes, curves):
         ax.plot(num_samples, [row[key] for row in by_num_samples], marker=marker)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in axes[2:]:
+    for ax in axes[-2:]:
         ax.set_xlabel("number of samples k (the first k by epoch)")
     figure.suptitle(title)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def save_predictive_band(path: Path, band: PredictiveBand, title: str) -> None:
+    """Write the predictive mean with a band of two standard deviations either side, over the
+    training and test points, to ``path``, atomically."""
+    figure = Figure(figsize=(8, 5))
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    lower = [m - 2 * s for m, s in zip(band.mean, band.std)]
+    upper = [m + 2 * s for m, s in zip(band.mean, band.std)]
+    ax.fill_between(band.inputs, lower, upper, color="tab:blue", alpha=0.25, label="mean ± 2σ")
+    ax.plot(band.inputs, band.mean, color="tab:blue", label="predictive mean")
+    ax.scatter(*band.train, s=10, color="black", label="training split")
+    ax.scatter(*band.test, s=14, color="tab:red", marker="x", label="test split")
+    ax.set_xlabel("input (standardised with the training split)")
+    ax.set_ylabel("target")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize="small")
+    ax.grid(alpha=0.3)
     figure.tight_layout()
     _save(figure, path)
 

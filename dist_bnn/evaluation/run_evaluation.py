@@ -2,12 +2,15 @@
 
 Runs as a plain process or under torchrun. The ranks split the posterior samples, not the
 data: each rank reads its share of the sample files one at a time and predicts the whole
-test split with each, and the ranks then combine their log-sum-exp accumulators. Rank 0
-writes, each file atomically:
+test split with each, and the ranks then combine their accumulators (log-sum-exp for
+densities). Rank 0 writes, each file atomically:
 
-    RUN_DIR/eval/metrics.json            accuracy, nll, ece, brier, num_samples, by_num_samples
-    RUN_DIR/eval/reliability.png         reliability diagram of the BMA of all samples
+    RUN_DIR/eval/metrics.json            classification: accuracy, nll, ece, brier;
+                                         regression: rmse, test_ll (target's units);
+                                         both: num_samples, by_num_samples
     RUN_DIR/eval/metrics_vs_samples.png  each metric against the number of samples averaged
+    RUN_DIR/eval/reliability.png         classification: reliability diagram of the BMA
+    RUN_DIR/eval/predictive.png          regression with one input: mean and a ±2σ band
 """
 
 from __future__ import annotations
@@ -27,13 +30,26 @@ from dist_bnn import distributed
 from dist_bnn.checkpoint import manager
 from dist_bnn.checkpoint.files import write_json_atomic
 from dist_bnn.config import Config, ConfigError, from_dict
-from dist_bnn.data import load_splits
+from dist_bnn.data import Splits, load_splits
 from dist_bnn.errors import UsageError
 from dist_bnn.evaluation.bma import stream_bma_by_num_samples
-from dist_bnn.evaluation.metrics import ECE_NUM_BINS, calibration_bins, classification_metrics
-from dist_bnn.evaluation.plots import save_metrics_vs_samples, save_reliability_diagram
+from dist_bnn.evaluation.metrics import (
+    ECE_NUM_BINS,
+    calibration_bins,
+    classification_metrics,
+    regression_metrics,
+)
+from dist_bnn.evaluation.plots import (
+    CLASSIFICATION_CURVES,
+    REGRESSION_CURVES,
+    PredictiveBand,
+    save_metrics_vs_samples,
+    save_predictive_band,
+    save_reliability_diagram,
+)
+from dist_bnn.likelihoods import MEAN, VARIANCE, Gaussian, Likelihood, build_likelihood
 from dist_bnn.logs import setup_logging
-from dist_bnn.models import MLP
+from dist_bnn.models import build_model
 from dist_bnn.training.run_dir import RUN_FILE
 from dist_bnn.training.samples import SAMPLES_DIR
 
@@ -43,8 +59,14 @@ EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
 RELIABILITY_FILE = "reliability.png"
 CURVES_FILE = "metrics_vs_samples.png"
+PREDICTIVE_FILE = "predictive.png"
 
-CLASSIFICATION_DATASETS = ("digits", "breast_cancer")
+METRIC_KEYS = {"classification": ("accuracy", "nll", "ece", "brier"), "regression": ("rmse", "test_ll")}
+
+# Inputs at which the 1-D predictive band is drawn, spread over the data's range and a margin
+# of this fraction of the range on each side, where the uncertainty should grow.
+BAND_GRID_POINTS = 200
+BAND_MARGIN_FRACTION = 0.25
 
 
 def evaluate_run(run_dir: Path, log_level: str = "INFO") -> None:
@@ -53,7 +75,7 @@ def evaluate_run(run_dir: Path, log_level: str = "INFO") -> None:
     Raises:
         UsageError: if ``run_dir`` is missing, has no ``run.json`` or has no committed
             samples. Nothing is written then.
-        NotImplementedError: for a data set that is not a classification task.
+        ConfigError: if the run's data set can no longer be read (a UCI directory moved).
     """
     backend = distributed.resolve_backend("auto")
     # Ignite's launcher logs its own start and end at INFO; the command's own lines replace them.
@@ -74,7 +96,6 @@ def run_on_rank(local_rank: int, run_dir: Path, log_level: str) -> None:
     if inputs.error is not None:
         raise UsageError(inputs.error)
     cfg = from_dict(inputs.config)
-    check_supported(cfg)
 
     result = evaluate_samples(cfg, [Path(p) for p in inputs.sample_paths], inputs.checkpoint)
     if distributed.is_writer():
@@ -179,17 +200,6 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
     return config
 
 
-def check_supported(cfg: Config) -> None:
-    """Raise NotImplementedError unless ``cfg`` is a classification task."""
-    # TODO(regression): regression data sets need Gaussian predictive metrics (RMSE, test
-    # log-likelihood) instead of accuracy, ECE and Brier score.
-    if cfg.data.name not in CLASSIFICATION_DATASETS:
-        raise NotImplementedError(
-            f"dist-bnn evaluate supports classification only (data.name in "
-            f"{', '.join(CLASSIFICATION_DATASETS)}); got data.name={cfg.data.name!r}"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -198,12 +208,17 @@ def check_supported(cfg: Config) -> None:
 class EvaluationResult:
     """Metrics of the BMA of all samples and of each prefix, the same on every rank."""
 
+    task: str
+    """``classification`` or ``regression``."""
     by_num_samples: list[dict[str, Any]]
     """One dict per k = 1..S: ``num_samples`` = k and the metrics of the first k samples."""
-    final_log_probs: torch.Tensor
-    """``[examples, classes]`` log predictive probabilities of the BMA of all samples."""
+    final_predictive: torch.Tensor
+    """Predictive of the BMA of all samples on the test split: ``[examples, classes]`` log
+    probabilities, or ``[examples, 3]`` log density, mean and variance in the target's units."""
     targets: torch.Tensor
-    """``[examples]`` test-split class indices."""
+    """``[examples]`` test-split class indices, or targets in the target's units."""
+    band: PredictiveBand | None = None
+    """Predictive mean and standard deviation over an input grid, for regression on one input."""
 
     @property
     def final(self) -> dict[str, Any]:
@@ -216,33 +231,78 @@ def evaluate_samples(cfg: Config, sample_paths: list[Path], checkpoint: str) -> 
     start = time.perf_counter()
     device = idist.device()
     splits = load_splits(cfg.data, cfg.training.seed)
+    likelihood = build_likelihood(cfg, splits)
     features, targets = splits.test.tensors
-    model = MLP(splits.num_features, cfg.model.hidden_sizes, splits.num_classes, cfg.model.activation)
-    model.to(device)
+    num_test = len(targets)
+    grid = _band_grid(splits) if isinstance(likelihood, Gaussian) and splits.num_features == 1 else None
+    if grid is not None:
+        # The grid rides along with the test split through one streaming pass. Its targets
+        # are placeholders: only the grid's mean and variance are used.
+        features = torch.cat([features, grid])
+        targets = torch.cat([targets, torch.zeros(len(grid), dtype=targets.dtype)])
+    model = build_model(cfg, splits).to(device)
     logger.info(
         "evaluating the BMA of %d samples of %s on %d test examples of %s with %d rank(s)",
-        len(sample_paths), checkpoint, len(targets), cfg.data.name, distributed.world_size(),
+        len(sample_paths), checkpoint, num_test, cfg.data.name, distributed.world_size(),
     )
 
-    targets_on_device = targets.to(device)
+    test_targets = _metric_targets(likelihood, targets[:num_test]).to(device)
     by_num_samples: list[dict[str, Any]] = []
     final: list[torch.Tensor] = []
 
-    def visit(num_samples: int, log_probs: torch.Tensor) -> None:
-        metrics = classification_metrics(log_probs, targets_on_device)
+    def visit(num_samples: int, predictive: torch.Tensor) -> None:
+        metrics = _metrics(likelihood, predictive[:num_test], test_targets)
         by_num_samples.append({"num_samples": num_samples, **metrics})
         logger.debug("first %d samples: %s", num_samples, _format(metrics))
         if num_samples == len(sample_paths):
-            final.append(log_probs.cpu())
+            final.append(predictive.cpu())
 
     stream_bma_by_num_samples(
-        model, sample_paths, features, splits.num_classes, cfg.data.eval_batch_size, visit
+        model, sample_paths, features, targets, likelihood, cfg.data.eval_batch_size, visit
     )
     logger.info(
         "evaluated %d samples in %.2f s: %s",
         len(sample_paths), time.perf_counter() - start, _format(by_num_samples[-1]),
     )
-    return EvaluationResult(by_num_samples, final[0], targets)
+    result = EvaluationResult(likelihood.task, by_num_samples, final[0][:num_test], test_targets.cpu())
+    if grid is not None:
+        result.band = _band(splits, likelihood, grid, final[0][num_test:])
+    return result
+
+
+def _metric_targets(likelihood: Likelihood, targets: torch.Tensor) -> torch.Tensor:
+    """Return the targets that the metrics compare with: class indices or original units."""
+    if isinstance(likelihood, Gaussian):
+        return likelihood.to_original_units(targets)
+    return targets
+
+
+def _metrics(likelihood: Likelihood, predictive: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    if isinstance(likelihood, Gaussian):
+        return regression_metrics(predictive, targets)
+    return classification_metrics(predictive, targets)
+
+
+def _band_grid(splits: Splits) -> torch.Tensor:
+    """Return ``[BAND_GRID_POINTS, 1]`` standardised inputs covering every split and a margin."""
+    inputs = torch.cat([split.tensors[0][:, 0] for split in (splits.train, splits.val, splits.test)])
+    low, high = float(inputs.min()), float(inputs.max())
+    margin = BAND_MARGIN_FRACTION * (high - low)
+    return torch.linspace(low - margin, high + margin, BAND_GRID_POINTS).unsqueeze(1)
+
+
+def _band(splits: Splits, likelihood: Gaussian, grid: torch.Tensor, predictive: torch.Tensor) -> PredictiveBand:
+    def points(split) -> tuple[list[float], list[float]]:
+        inputs, targets = split.tensors
+        return inputs[:, 0].tolist(), likelihood.to_original_units(targets).tolist()
+
+    return PredictiveBand(
+        inputs=grid[:, 0].tolist(),
+        mean=predictive[:, MEAN].tolist(),
+        std=predictive[:, VARIANCE].sqrt().tolist(),
+        train=points(splits.train),
+        test=points(splits.test),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,24 +310,30 @@ def evaluate_samples(cfg: Config, sample_paths: list[Path], checkpoint: str) -> 
 
 
 def write_outputs(eval_dir: Path, result: EvaluationResult, checkpoint: str) -> None:
-    """Write metrics.json and the two figures into ``eval_dir``. Only rank 0 calls this."""
+    """Write metrics.json and the figures into ``eval_dir``. Only rank 0 calls this."""
     eval_dir.mkdir(parents=True, exist_ok=True)
     final = result.final
-    metrics = {key: final[key] for key in ("accuracy", "nll", "ece", "brier", "num_samples")}
+    metrics = {key: final[key] for key in (*METRIC_KEYS[result.task], "num_samples")}
     metrics["by_num_samples"] = result.by_num_samples
     _timed(eval_dir / METRICS_FILE, lambda path: write_json_atomic(path, metrics))
 
-    bins = calibration_bins(result.final_log_probs, result.targets, ECE_NUM_BINS)
     title = f"BMA of {final['num_samples']} samples, {Path(checkpoint).name}"
-    reliability_title = f"{title}\nECE ({ECE_NUM_BINS} bins) = {final['ece']:.4f}"
-    _timed(
-        eval_dir / RELIABILITY_FILE,
-        lambda path: save_reliability_diagram(path, bins, reliability_title),
-    )
+    if result.task == "classification":
+        bins = calibration_bins(result.final_predictive, result.targets, ECE_NUM_BINS)
+        reliability_title = f"{title}\nECE ({ECE_NUM_BINS} bins) = {final['ece']:.4f}"
+        _timed(
+            eval_dir / RELIABILITY_FILE,
+            lambda path: save_reliability_diagram(path, bins, reliability_title),
+        )
+    curves = CLASSIFICATION_CURVES if result.task == "classification" else REGRESSION_CURVES
     _timed(
         eval_dir / CURVES_FILE,
-        lambda path: save_metrics_vs_samples(path, result.by_num_samples, title),
+        lambda path: save_metrics_vs_samples(path, result.by_num_samples, title, curves),
     )
+    band = result.band
+    if band is not None:
+        band_title = f"{title}\nRMSE = {final['rmse']:.4f}, test log-likelihood = {final['test_ll']:.4f}"
+        _timed(eval_dir / PREDICTIVE_FILE, lambda path: save_predictive_band(path, band, band_title))
 
 
 def _timed(path: Path, write: Callable[[Path], None]) -> None:

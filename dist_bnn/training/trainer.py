@@ -17,7 +17,6 @@ from typing import Any
 import ignite
 import ignite.distributed as idist
 import torch
-import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -33,7 +32,8 @@ from dist_bnn.data import attach_sampler_epoch, build_eval_loader, build_train_l
 from dist_bnn.errors import ResumeError
 from dist_bnn.evaluation.bma import evaluate_bma, evaluate_weights
 from dist_bnn.logs import setup_logging
-from dist_bnn.models import MLP
+from dist_bnn.likelihoods import build_likelihood
+from dist_bnn.models import build_model
 from dist_bnn.samplers import build_sampler
 from dist_bnn.samplers.schedules import apply_step_settings, step_settings
 from dist_bnn.training.preemption import Preempted, PreemptionFlag
@@ -186,6 +186,7 @@ class TrainingJob:
         # a previous launch.
         cfg, rank, world_size = self.cfg, distributed.rank(), distributed.world_size()
         self.splits = load_splits(cfg.data, cfg.training.seed)
+        self.likelihood = build_likelihood(cfg, self.splits)
         self.train_loader = build_train_loader(
             self.splits.train, cfg.data.batch_size, world_size, rank, cfg.data.shuffle, cfg.training.seed
         )
@@ -196,22 +197,20 @@ class TrainingJob:
         # The same initial weights and the same noise seed on every rank.
         cfg, splits = self.cfg, self.splits
         torch.manual_seed(derive_seed(cfg.training.seed, _MODEL_INIT_STREAM))
-        self.model = idist.auto_model(
-            MLP(splits.num_features, cfg.model.hidden_sizes, splits.num_classes, cfg.model.activation)
-        )
+        self.model = idist.auto_model(build_model(cfg, splits))
         self.optimizer = build_sampler(
             cfg.sampler, self.model.parameters(), num_data=len(splits.train),
             noise_seed=derive_seed(cfg.training.seed, _NOISE_STREAM),
         )
 
     def _build_engine(self) -> Engine:
-        model, optimizer, device = self.model, self.optimizer, self.device
+        model, optimizer, device, likelihood = self.model, self.optimizer, self.device, self.likelihood
 
         def step(engine: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
             model.train()
             features, targets = batch[0].to(device), batch[1].to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(features), targets)
+            loss = likelihood.loss(model(features), targets)
             # DDP averages the gradients over ranks inside backward(), so step() below receives
             # the gradient of the mean loss over the global batch and draws the shared noise
             # after it.
@@ -386,15 +385,17 @@ class TrainingJob:
         }
         every = self.cfg.training.validate_every_epochs
         if every and engine.state.epoch % every == 0:
-            val = evaluate_weights(unwrap(self.model), self.val_loader, self.device)
-            row.update({"val/accuracy": val["accuracy"], "val/nll": val["nll"]})
+            val = evaluate_weights(unwrap(self.model), self.val_loader, self.device, self.likelihood)
+            row.update({f"val/{key}": value for key, value in val.items() if key != "count"})
         return row
 
     def _evaluate_bma(self) -> dict[str, float]:
         """Return the test metrics of the Bayesian model average, stored in the last epoch's
         manifest. Every rank must call this."""
         distributed.barrier()  # rank 0 has written the last sample file
-        bma = evaluate_bma(copy.deepcopy(unwrap(self.model)), self.samples.paths(), self.test_loader, self.device)
+        bma = evaluate_bma(
+            copy.deepcopy(unwrap(self.model)), self.samples.paths(), self.test_loader, self.device, self.likelihood
+        )
         final_metrics = {f"test/{k}": v for k, v in bma.items()}
         logger.info("test metrics of the Bayesian model average: %s", _format(final_metrics))
         return final_metrics

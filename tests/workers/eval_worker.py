@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 from dist_bnn.data import build_eval_loader
 from dist_bnn.evaluation.bma import evaluate_weights
+from dist_bnn.likelihoods import Categorical
 from dist_bnn.models import MLP
 
 NUM_EXAMPLES = 101
@@ -31,7 +32,7 @@ def main(local_rank: int, out_file: Path) -> None:
         TensorDataset(features, targets), batch_size=7,
         world_size=idist.get_world_size(), rank=idist.get_rank(),
     )
-    metrics = evaluate_weights(model, loader, idist.device())
+    metrics = evaluate_weights(model, loader, idist.device(), Categorical(3))
     if idist.get_rank() == 0:
         out_file.write_text(json.dumps(metrics))
 
