@@ -63,12 +63,14 @@ def time_bma_and_plain(run_dir: Path) -> tuple[float, float]:
     from dist_bnn.config import load_config
     from dist_bnn.data import build_eval_loader, load_splits
     from dist_bnn.evaluation.bma import evaluate_bma
-    from dist_bnn.models import MLP
+    from dist_bnn.likelihoods import build_likelihood
+    from dist_bnn.models import build_model
 
     cfg = load_config(DIGITS_CONFIG, [*WIDE, f"run.dir={run_dir}"])
     splits = load_splits(cfg.data, cfg.training.seed)
     loader = build_eval_loader(splits.test, cfg.data.eval_batch_size, 1, 0)
-    model = MLP(splits.num_features, cfg.model.hidden_sizes, splits.num_classes, cfg.model.activation)
+    model = build_model(cfg, splits)
+    likelihood = build_likelihood(cfg, splits)
     paths = sorted((run_dir / "samples").glob("sample_*.pt"))
     device = torch.device("cpu")
 
@@ -85,7 +87,7 @@ def time_bma_and_plain(run_dir: Path) -> tuple[float, float]:
 
     plain_passes()  # warm-up: page cache and first-call costs would count against the first timed side
     start = time.perf_counter()
-    evaluate_bma(model, paths, loader, device)
+    evaluate_bma(model, paths, loader, device, likelihood)
     bma = time.perf_counter() - start
     return bma, plain_passes()
 
