@@ -37,3 +37,13 @@ def torchrun(script: Path, nproc: int, args: Sequence[str], env: dict[str, str] 
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with exit code {result.returncode}:\n{result.stderr[-4000:]}")
+
+
+def bare_manifest(epoch: int, world_size: int):  # type: ignore[no-untyped-def]
+    """Return a checkpoint manifest with progress only, for benchmarks that save bare state."""
+    from dist_bnn.checkpoint.manifest import Manifest
+
+    return Manifest(
+        epoch=epoch, iteration=epoch, epoch_length=1, num_epochs=10**6, world_size=world_size,
+        sample_files=[], files={}, samples={}, wandb_run_id="benchmark", config_hash="", config={}, versions={},
+    )

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, torchrun  # noqa: E402
+from _common import bare_manifest, machine, median, torchrun  # noqa: E402
 
 HIDDEN = [2560, 2560, 2560]
 IN_FEATURES = 2048
@@ -43,7 +43,6 @@ def worker(args: argparse.Namespace) -> None:
 
     from dist_bnn import distributed
     from dist_bnn.checkpoint import manager
-    from dist_bnn.checkpoint.manifest import Manifest
     from dist_bnn.models import MLP
     from dist_bnn.samplers import SGHMC
 
@@ -58,11 +57,8 @@ def worker(args: argparse.Namespace) -> None:
     root = Path(args.dir)
     results: dict[str, list[float]] = {k: [] for k in ("sync", "async_blocked", "async_total", "torch_save", "torch_save_fsync", "dd", "bytes")}
 
-    def manifest(epoch: int) -> Manifest:
-        return Manifest(
-            epoch=epoch, iteration=epoch, epoch_length=1, num_epochs=10**6, world_size=distributed.world_size(),
-            sample_files=[], files={}, samples={}, wandb_run_id="benchmark", config_hash="", config={}, versions={},
-        )
+    def manifest(epoch: int):  # type: ignore[no-untyped-def]
+        return bare_manifest(epoch, distributed.world_size())
 
     for repeat in range(args.repeats):
         run_dir = root / f"run{repeat}"

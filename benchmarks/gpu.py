@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, torchrun  # noqa: E402
+from _common import bare_manifest, machine, median, torchrun  # noqa: E402
 
 HIDDEN = "[4096,4096,2048]"  # 64*4096 + 4096*4096 + 4096*2048 + 2048*10 parameters: about 25 M
 
@@ -34,7 +34,6 @@ def worker(args: argparse.Namespace) -> None:
 
     from dist_bnn import distributed
     from dist_bnn.checkpoint import manager
-    from dist_bnn.checkpoint.manifest import Manifest
     from epoch_time import run_dist_bnn
 
     logging.basicConfig(level=logging.WARNING)
@@ -57,21 +56,16 @@ def worker(args: argparse.Namespace) -> None:
         optimizer = SGHMC(model.parameters(), lr=0.01, num_data=1000)
         asynchronous = manager.AsyncCheckpointer()
         for repeat in range(args.repeats):
-            def manifest(epoch: int) -> Manifest:
-                return Manifest(
-                    epoch=epoch, iteration=epoch, epoch_length=1, num_epochs=10**6, world_size=world_size,
-                    sample_files=[], files={}, samples={}, wandb_run_id="gpu", config_hash="", config={}, versions={},
-                )
             run_dir = scratch_dir / f"ckpt{repeat}"
             torch.cuda.synchronize()
             distributed.barrier()
             start = time.perf_counter()
-            path = manager.save_checkpoint(run_dir, model, optimizer, manifest(2 * repeat + 1))
+            path = manager.save_checkpoint(run_dir, model, optimizer, bare_manifest(2 * repeat + 1, world_size))
             results["sync"].append(time.perf_counter() - start)
             results["bytes"].append(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))
             torch.cuda.synchronize()
             distributed.barrier()
-            results["blocked"].append(asynchronous.save(run_dir, model, optimizer, manifest(2 * repeat + 2)))
+            results["blocked"].append(asynchronous.save(run_dir, model, optimizer, bare_manifest(2 * repeat + 2, world_size)))
             asynchronous.commit_pending()
     if distributed.is_writer():
         Path(args.out).write_text(json.dumps({**results, "world_size": world_size}))
