@@ -10,6 +10,9 @@ gets ``--per-rank-batch`` examples per step, so the global batch grows with the 
 - weak-scaling efficiency = samples/s(N GPUs) / (N x samples/s(1 GPU)), target >= 0.9.
 
     bash benchmarks/gpu.sh          # or: python benchmarks/gpu.py --repeats 5
+
+NOTE: written without a GPU at hand; on a CPU machine it stops with exit code 2 before any
+measurement, and its NCCL path has not run yet.
 """
 
 from __future__ import annotations

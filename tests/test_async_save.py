@@ -32,7 +32,7 @@ def reference(tmp_path_factory):
     return root / "run"
 
 
-def test_async_run_equals_synchronous_run_and_logs_blocking(reference, tmp_path, env):
+def test_async_run_matches_sync_run(reference, tmp_path, env):
     run_dir = tmp_path / "run"
     result = run_ok(train_command(job(run_dir, "checkpoint.async_save=true"), nproc=2), env)
     blocked = {int(epoch): float(seconds) for epoch, seconds in _BLOCKED_LINE.findall(result.stderr)}
@@ -52,7 +52,7 @@ def test_async_run_equals_synchronous_run_and_logs_blocking(reference, tmp_path,
     [(None, 2, 2), (1, 3, 4)],
     ids=["kill-during-background-write", "keep-last-1"],
 )
-def test_kill_during_background_write_resumes_from_previous(
+def test_kill_in_background_write_resumes(
     keep_last, paused_save, resume_epoch, reference, tmp_path, env
 ):
     run_dir = tmp_path / "run"
@@ -80,7 +80,7 @@ def test_kill_during_background_write_resumes_from_previous(
     assert compare_runs(reference, run_dir) is None
 
 
-def test_own_shares_split_a_replicated_state_disjointly_and_evenly():
+def test_own_shares_disjoint_and_balanced():
     import torch
 
     from dist_bnn.checkpoint.manager import _own_share

@@ -22,7 +22,7 @@ def job(run_dir, *extra):
     ]
 
 
-def test_save_slower_than_collective_timeout_resumes_from_committed(tmp_path, env):
+def test_slow_save_past_timeout_resumes(tmp_path, env):
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
     run_ok(train_command(job(reference), nproc=2), env)
 
