@@ -11,8 +11,8 @@ gets ``--per-rank-batch`` examples per step, so the global batch grows with the 
 
     bash benchmarks/gpu.sh          # or: python benchmarks/gpu.py --repeats 5
 
-NOTE: written without a GPU at hand; on a CPU machine it stops with exit code 2 before any
-measurement, and its NCCL path has not run yet.
+NOTE: its NCCL path has not run yet. On a CPU machine it stops with exit code 2 before any
+measurement.
 """
 
 from __future__ import annotations

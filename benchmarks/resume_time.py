@@ -3,7 +3,7 @@
 Each repetition launches ``dist-bnn train`` under torchrun (2 gloo ranks) twice: once on a new
 run directory, once on a copy of a run directory whose newest checkpoint ends at epoch 2. It
 measures the seconds from the launch to the log line ``first step of this launch done``. The resumed launch's ``loaded checkpoint ... in X s`` line
-gives the DCP load time. The model is an MLP of 4.3 M parameters, so a checkpoint holds about
+gives the DCP load time. The model is an MLP of 4.3 M parameters, so a checkpoint contains about
 35 MB of model and sampler state.
 
     python benchmarks/resume_time.py        # 5 repetitions, about 2 min

@@ -213,8 +213,8 @@ class DistributedConfig:
     ``gloo`` or ``nccl``. A plain process started without a launcher uses no process group."""
     timeout_s: float = 1800.0
     """Timeout in seconds of every collective operation (torch's default is 1800). A rank that
-    waits longer for the others, during a save say, fails and the launcher stops the job; the
-    next launch resumes from the newest committed checkpoint."""
+    waits longer for the others (during a save, for example) fails and the launcher stops the
+    job. The next launch resumes from the newest committed checkpoint."""
 
 
 @dataclass

@@ -9,8 +9,8 @@ import pytest
 from conftest import REPO, make_env
 
 
-# Each seed draws, among its kills, ones while a save is paused at the listed phases; with
-# async saves seed 3 kills during the second background write.
+# Each seed draws kills while a save is paused at the listed phases. With async saves, seed 3
+# kills during the second background write.
 @pytest.mark.parametrize(
     ("seed", "options", "phases"),
     [

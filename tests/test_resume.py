@@ -114,7 +114,8 @@ def test_progress_lines_carry_true_epoch(runs):
     assert f"epoch {first}/{NUM_EPOCHS}: " in rank0
     assert f"epoch {NUM_EPOCHS}/{NUM_EPOCHS}: " in rank0
     assert f"epoch 1/{NUM_EPOCHS}: " not in rank0
-    assert "Epoch [" not in rank0 and "Epoch [" not in rank1
+    assert "Epoch [" not in rank0
+    assert "Epoch [" not in rank1
     assert f"epoch {first}/{NUM_EPOCHS}: " not in rank1
 
 

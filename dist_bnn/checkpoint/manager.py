@@ -176,8 +176,8 @@ def _own_share(state: dict[str, Any], rank: int, world_size: int) -> dict[str, A
     ``dcp.async_save`` copies the whole state on every rank before it plans who writes what.
     Handing each rank a disjoint share instead makes each rank copy only what it writes. The
     shares are balanced by bytes, greedily over the tensors sorted by size and then key, so
-    every rank computes the same assignment; values that are not tensors go with rank 0. The
-    checkpoint holds the union, which every rank loads as usual.
+    every rank computes the same assignment. Values that are not tensors go with rank 0. The
+    checkpoint contains the union, which every rank loads as usual.
     """
     leaves: list[tuple[tuple[str, ...], Any]] = []
 
@@ -292,9 +292,9 @@ def save_checkpoint(
 class AsyncCheckpointer:
     """Checkpoints written by ``dcp.async_save`` in a background thread, at most one in flight.
 
-    Build on every rank after the process group exists; it creates its own gloo group for DCP's
-    collectives, because DCP's background thread would otherwise share the default group with
-    the training loop's collectives, which deadlocks on gloo.
+    Build on every rank after the process group exists. It creates its own gloo group for DCP's
+    collectives: on the default group, DCP's background thread and the training loop's
+    collectives deadlock on gloo.
 
     Commit rule: :meth:`save` only stages the state and starts the write. The checkpoint is
     committed (digests hashed, manifest written, directory renamed) by :meth:`commit_pending`,

@@ -124,8 +124,8 @@ def _read_identity(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise _PlanError(f"{path} is unreadable ({err}); restore it or choose a new run.dir") from None
     current = trajectory_values(cfg)
-    # A key that a later version added is missing from an older run.json; new keys default to
-    # the behaviour before they existed, so the stored run had the default.
+    # An older run.json lacks the keys that later versions added. Each new key defaults to the
+    # behaviour before it existed, so the stored run had the default value.
     defaults = trajectory_values(Config())
     stored = {**{key: defaults[key] for key in current if key not in stored and key in defaults}, **stored}
     changed = [

@@ -54,8 +54,8 @@ def train(cfg: Config, log_level: str = "INFO") -> None:
     if backend is None:
         run_on_rank(0, cfg, log_level)
         return
-    # idist.Parallel would not pass a timeout on to the process group under a launcher, so the
-    # group is created here; ignite.distributed then works from it as usual.
+    # Under a launcher idist.Parallel passes no timeout to the process group, so the group is
+    # created here. ignite.distributed then works from it as usual.
     idist.initialize(backend, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
     try:
         run_on_rank(idist.get_local_rank(), cfg, log_level)
@@ -411,7 +411,7 @@ class TrainingJob:
 
         A synchronous save commits before it returns, then sends W&B its rows and prunes old
         checkpoints; it returns the committed path. With ``checkpoint.async_save`` the periodic
-        saves return ``None`` and commit later (see :meth:`_commit_pending`); the last epoch's
+        saves return ``None`` and commit later (see :meth:`_commit_pending`). The last epoch's
         save and a preemption save stay synchronous, so a finished or stopped run has nothing
         left in flight.
         """
