@@ -457,7 +457,7 @@ def validate(cfg: Config) -> None:
             f"(training.num_epochs={cfg.training.num_epochs}), so no posterior sample would be "
             f"written; allowed: 1 <= samples.start_epoch <= training.num_epochs"
         )
-    if _first_sample_epoch(cfg) is None:
+    if first_sample_epoch(cfg) is None:
         raise ConfigError(
             f"no epoch from samples.start_epoch={cfg.samples.start_epoch} to "
             f"training.num_epochs={cfg.training.num_epochs} in steps of "
@@ -596,7 +596,7 @@ def in_sampling_phase(sampler: SamplerConfig, epoch: int) -> bool:
     return ((epoch - 1) % sampler.cycle_epochs) / sampler.cycle_epochs >= sampler.exploration_fraction
 
 
-def _first_sample_epoch(cfg: Config) -> int | None:
+def first_sample_epoch(cfg: Config) -> int | None:
     """Return the first epoch that :func:`is_sample_epoch` accepts, or ``None`` if no epoch up
     to ``training.num_epochs`` is accepted."""
     start, every = cfg.samples.start_epoch, cfg.samples.every_epochs

@@ -38,9 +38,10 @@ UCI_FILES = ("data.txt", "index_features.txt", "index_target.txt")
 class Splits:
     """Train, validation and test splits of one data set, with standardised inputs.
 
-    Classification targets are int64 class indices. Regression targets are float32 and
-    standardised with the training split's statistics; ``target_mean`` and ``target_std``
-    map them back to the original units (``y = target_mean + target_std * y_standardised``).
+    Inputs are standardised with the training split's statistics; ``feature_mean`` and
+    ``feature_std`` map them back to the original units. Classification targets are int64
+    class indices. Regression targets are float32 and standardised the same way; ``target_mean``
+    and ``target_std`` map them back (``y = target_mean + target_std * y_standardised``).
     """
 
     train: TensorDataset
@@ -51,6 +52,10 @@ class Splits:
     """Number of classes, or ``None`` for a regression data set."""
     target_mean: float = 0.0
     target_std: float = 1.0
+    feature_mean: tuple[float, ...] = ()
+    """Per-input mean of the training split, one entry per feature."""
+    feature_std: tuple[float, ...] = ()
+    """Per-input standard deviation of the training split (1 for a constant input)."""
 
     @property
     def task(self) -> str:
@@ -84,7 +89,8 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         val_idx = order[num_test : num_test + num_val]
         train_idx = order[num_test + num_val :]
 
-    standardised = _standardise(features, train_idx)
+    feature_mean, feature_std = _mean_and_std(features[train_idx])
+    standardised = ((features - feature_mean) / feature_std).astype(np.float32)
     regression = task_of(cfg.name) == "regression"
     if regression:
         target_mean, target_std = _mean_and_std(targets[train_idx])
@@ -103,6 +109,8 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         num_classes=None if regression else int(targets.max()) + 1,
         target_mean=float(target_mean) if regression else 0.0,
         target_std=float(target_std) if regression else 1.0,
+        feature_mean=tuple(float(v) for v in feature_mean),
+        feature_std=tuple(float(v) for v in feature_std),
     )
 
 
@@ -114,11 +122,6 @@ def _warn_unused_keys(cfg: DataConfig) -> None:
     elif cfg.root is not None or cfg.split != DataConfig.split:
         logger.warning("data.root and data.split are used by data.name=uci only; data.name=%s "
                        "ignores them", cfg.name)
-
-
-def _standardise(features: np.ndarray, train_idx: np.ndarray) -> np.ndarray:
-    mean, std = _mean_and_std(features[train_idx])
-    return ((features - mean) / std).astype(np.float32)
 
 
 def _mean_and_std(values: np.ndarray) -> tuple[Any, Any]:

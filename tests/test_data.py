@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from ignite.engine import Engine
+from sklearn.datasets import load_wine
 
 from dist_bnn.config import DataConfig
 from dist_bnn.data import ShardSampler, attach_sampler_epoch, build_train_loader, load_splits
@@ -11,6 +12,8 @@ from dist_bnn.data import ShardSampler, attach_sampler_epoch, build_train_loader
 SEED = 3
 # Standardised training features have mean 0 and standard deviation 1 up to float32 rounding.
 STANDARDISATION_TOLERANCE = 1e-5
+# Inputs mapped back from float32 standardised values, relative to the largest raw input.
+RAW_ROUND_TRIP_TOLERANCE = 1e-5
 
 
 def feature_rows(dataset) -> set[bytes]:
@@ -42,6 +45,16 @@ def test_standardised_on_train_split():
     features = splits.train.tensors[0].double()
     assert features.mean(dim=0).abs().max() < STANDARDISATION_TOLERANCE
     assert (features.std(dim=0, unbiased=False) - 1).abs().max() < STANDARDISATION_TOLERANCE
+
+
+def test_feature_statistics_map_back_to_raw_inputs():
+    splits = load_splits(DataConfig(name="wine"), SEED)
+    raw = torch.from_numpy(load_wine().data)
+    mapped = torch.tensor(splits.feature_mean) + torch.tensor(splits.feature_std) * splits.test.tensors[0].double()
+    # Every mapped test row is one of the raw rows, up to float32 rounding of the standardised values.
+    distances = torch.cdist(mapped, raw).min(dim=1).values
+    assert len(splits.feature_mean) == len(splits.feature_std) == raw.shape[1]
+    assert distances.max() < RAW_ROUND_TRIP_TOLERANCE * raw.abs().max()
 
 
 def run_orders(loaders, epochs: int, resume_from_epoch: int = 0) -> list[list[list[int]]]:

@@ -314,7 +314,7 @@ def restore_logging():
     [
         (without_run_file, "run.json not found"),
         (without_checkpoints, "contains no committed checkpoint"),
-        (only_first_checkpoint, "lists no posterior samples because sampling starts at samples.start_epoch=2"),
+        (only_first_checkpoint, "lists no posterior samples: the first sample is the weights after epoch 2 (samples.start_epoch=2)"),
         (without_one_sample, "is missing"),
     ],
     ids=["no-run-json", "no-checkpoint", "no-samples", "missing-sample"],
@@ -327,6 +327,24 @@ def test_unusable_run_dir_exits_2(damage, message, finished, tmp_path, capsys, r
     assert message in capsys.readouterr().err
     assert tree(tmp_path) == before
     assert not (run_dir / "eval").exists()
+
+
+def test_no_samples_yet_names_cyclical_sampling_phase(tmp_path, capsys, restore_logging):
+    # Cycles of 4 epochs explore for their first 2, so epoch 3 is the first sample.
+    run_dir = tmp_path / "run"
+    run_ok(
+        train_command(job(
+            run_dir, "samples.start_epoch=1", "sampler.schedule=cyclical", "sampler.cycle_epochs=4",
+            "sampler.exploration_fraction=0.5",
+        )),
+        make_env(tmp_path),
+    )
+    for path in sorted((run_dir / "checkpoints").iterdir())[2:]:
+        shutil.rmtree(path)
+    assert main(["evaluate", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "(epoch 2) lists no posterior samples: the first sample is the weights after epoch 3" in err
+    assert "sampling phase of the cyclical schedule" in err
 
 
 # ---------------------------------------------------------------------------------------------

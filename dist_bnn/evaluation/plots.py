@@ -37,7 +37,7 @@ REGRESSION_CURVES = (
 class PredictiveBand:
     """Predictive of a regression on one input over a grid, with the data it was fitted to.
 
-    Inputs are standardised; means, standard deviations and targets are in the target's units.
+    Everything is in the data's original units: inputs, means, standard deviations and targets.
     """
 
     inputs: list[float]
@@ -120,7 +120,7 @@ def save_predictive_band(path: Path, band: PredictiveBand, title: str) -> None:
     ax.plot(band.inputs, band.mean, color="tab:blue", label="predictive mean")
     ax.scatter(*band.train, s=10, color="black", label="training split")
     ax.scatter(*band.test, s=14, color="tab:red", marker="x", label="test split")
-    ax.set_xlabel("input (standardised with the training split)")
+    ax.set_xlabel("input")
     ax.set_ylabel("target")
     ax.set_title(title)
     ax.legend(loc="best", fontsize="small")

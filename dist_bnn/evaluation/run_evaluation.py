@@ -29,7 +29,7 @@ import torch
 from dist_bnn import distributed
 from dist_bnn.checkpoint import manager
 from dist_bnn.checkpoint.files import write_json_atomic
-from dist_bnn.config import Config, ConfigError, from_dict
+from dist_bnn.config import Config, ConfigError, first_sample_epoch, from_dict
 from dist_bnn.data import Splits, load_splits
 from dist_bnn.errors import UsageError
 from dist_bnn.evaluation.bma import stream_bma_by_num_samples
@@ -166,10 +166,14 @@ def _locate_inputs(run_dir: Path) -> EvaluationInputs:
             f"samples.start_epoch is written, then evaluate again"
         )
     if not newest.manifest.sample_files:
+        cfg = from_dict(config)
+        rule = f"samples.start_epoch={cfg.samples.start_epoch}"
+        if cfg.sampler.schedule == "cyclical":
+            rule += " and the first epoch wholly in a sampling phase of the cyclical schedule"
         raise UsageError(
             f"the newest committed checkpoint {newest.path} (epoch {newest.manifest.epoch}) lists "
-            f"no posterior samples because sampling starts at samples.start_epoch="
-            f"{config['samples']['start_epoch']}; continue training past that epoch with "
+            f"no posterior samples: the first sample is the weights after epoch "
+            f"{first_sample_epoch(cfg)} ({rule}); continue training past that epoch with "
             f"`dist-bnn train`, then evaluate again"
         )
     # verify_checkpoint checked every listed sample file's size and sha256.
@@ -292,12 +296,15 @@ def _band_grid(splits: Splits) -> torch.Tensor:
 
 
 def _band(splits: Splits, likelihood: Gaussian, grid: torch.Tensor, predictive: torch.Tensor) -> PredictiveBand:
+    def original_inputs(inputs: torch.Tensor) -> list[float]:
+        return (splits.feature_mean[0] + splits.feature_std[0] * inputs[:, 0].double()).tolist()
+
     def points(split) -> tuple[list[float], list[float]]:
         inputs, targets = split.tensors
-        return inputs[:, 0].tolist(), likelihood.to_original_units(targets).tolist()
+        return original_inputs(inputs), likelihood.to_original_units(targets).tolist()
 
     return PredictiveBand(
-        inputs=grid[:, 0].tolist(),
+        inputs=original_inputs(grid),
         mean=predictive[:, MEAN].tolist(),
         std=predictive[:, VARIANCE].sqrt().tolist(),
         train=points(splits.train),
