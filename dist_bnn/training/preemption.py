@@ -36,7 +36,7 @@ class PreemptionFlag:
 
     def __init__(self, signal_names: list[str], current_iteration: Callable[[], int]) -> None:
         self.signal_names = list(signal_names)
-        self.current_iteration = current_iteration
+        self.current_iteration: Callable[[], int] | None = current_iteration
         self.received: str | None = None
         self.received_at_iteration: int | None = None
         self._previous: dict[int, Any] = {}
@@ -50,15 +50,23 @@ class PreemptionFlag:
             self._previous[number] = signal.signal(number, self._handle)
 
     def uninstall(self) -> None:
+        """Restore the previous signal handlers and drop ``current_iteration``.
+
+        A DDP model's reducer keeps this object alive as its communication hook's state, and
+        ``current_iteration`` usually refers back to the job that owns that model. The cycle
+        runs through C++, so the garbage collector cannot free it, and the model and its
+        process group would outlive ``destroy_process_group``.
+        """
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
+        self.current_iteration = None
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
         # Only plain assignments here: the handler runs between two bytecodes of the main thread.
         if self.received is None:
             self.received = signal.Signals(number).name
-            self.received_at_iteration = self.current_iteration()
+            self.received_at_iteration = self.current_iteration() if self.current_iteration else None
 
     def attach(self, model: torch.nn.Module) -> None:
         """Carry the flag in ``model``'s DDP gradient all-reduce from now on. Call on every

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +61,25 @@ def train(cfg: Config, log_level: str = "INFO") -> None:
     idist.initialize(backend, timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
     try:
         run_on_rank(idist.get_local_rank(), cfg, log_level)
+    except BaseException as err:
+        # The failed frames' locals (the job, its DDP model) must go before the group does.
+        traceback.clear_frames(err.__traceback__)
+        raise
     finally:
+        _release_group_users()
         idist.finalize()
+
+
+def _release_group_users() -> None:
+    """Free the objects that still hold the process group, such as the DDP model's reducer,
+    while the group exists.
+
+    The engine's handlers and the job refer to each other, so only the cycle collector frees
+    them. A DDP model still alive at interpreter exit, after the group was destroyed, aborted
+    one rank ("terminate called without an active exception", exit code -6) in about one
+    2-rank launch in five on torch 2.13 with gloo.
+    """
+    gc.collect()
 
 
 def run_on_rank(local_rank: int, cfg: Config, log_level: str) -> None:
