@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         "processes.",
     )
     evaluate.add_argument("run_dir", metavar="RUN_DIR", help="run.dir of a `dist-bnn train` run")
+    evaluate.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="split to evaluate on (default: test). validation writes into RUN_DIR/eval_validation "
+        "instead of RUN_DIR/eval, for choosing settings without looking at the test split",
+    )
     _add_log_level(evaluate)
 
     inspect = commands.add_parser(
@@ -104,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         return _train(args.args, args.log_level)
     if args.command == "evaluate":
-        return _evaluate(Path(args.run_dir), args.log_level)
+        return _evaluate(Path(args.run_dir), args.split, args.log_level)
     if args.command == "inspect":
         return _inspect(Path(args.run_dir), args.json)
     if args.command == "export":
@@ -129,11 +136,11 @@ def _train(raw: list[str], log_level: str) -> int:
     return _run(lambda: train(cfg, log_level))
 
 
-def _evaluate(run_dir: Path, log_level: str) -> int:
+def _evaluate(run_dir: Path, split: str, log_level: str) -> int:
     from dist_bnn.evaluation.run_evaluation import evaluate_run
 
     _setup_logging(log_level)
-    return _run(lambda: evaluate_run(run_dir, log_level))
+    return _run(lambda: evaluate_run(run_dir, log_level, split))
 
 
 def _inspect(run_dir: Path, as_json: bool) -> int:

@@ -171,6 +171,37 @@ def test_prefixes_match_direct_average(finished):
         assert math.isclose(row["brier"], brier, rel_tol=DIRECT_AVERAGE_REL_TOLERANCE), k
 
 
+def test_validation_split_matches_direct_average(finished, tmp_path, restore_logging):
+    run_dir = copy_run(finished["dir"], tmp_path / "run")
+    assert main(["evaluate", str(run_dir), "--split", "validation"]) == 0
+    assert not (run_dir / "eval").exists()
+    metrics = json.loads((run_dir / "eval_validation" / "metrics.json").read_text())
+
+    cfg = from_dict(json.loads((run_dir / "run.json").read_text())["config"])
+    splits = load_splits(cfg.data, cfg.training.seed)
+    features, targets = splits.val.tensors
+    model = MLP(splits.num_features, cfg.model.hidden_sizes, splits.num_classes, cfg.model.activation)
+    probs_sum = torch.zeros(len(targets), splits.num_classes, dtype=torch.float64)
+    for name in newest_manifest(run_dir)["sample_files"]:
+        model.load_state_dict(torch.load(run_dir / "samples" / name, weights_only=True))
+        with torch.no_grad():
+            probs_sum += torch.softmax(model(features).double(), dim=1)
+    probs = probs_sum / metrics["num_samples"]
+    nll = -probs.gather(1, targets.unsqueeze(1)).log().mean().item()
+    assert metrics["num_samples"] == 3
+    assert math.isclose(metrics["nll"], nll, rel_tol=DIRECT_AVERAGE_REL_TOLERANCE)
+    # Different examples: the test split's NLL is another number.
+    assert metrics["nll"] != finished["metrics"]["nll"]
+
+
+def test_empty_validation_split_exits_2(tmp_path, capsys, restore_logging):
+    run_dir = tmp_path / "run"
+    run_ok(train_command(job(run_dir, "data.val_fraction=0", "training.validate_every_epochs=0")), make_env(tmp_path))
+    assert main(["evaluate", str(run_dir), "--split", "validation"]) == 2
+    assert "the validation split of this run is empty (data.val_fraction=0.0" in capsys.readouterr().err
+    assert not (run_dir / "eval_validation").exists()
+
+
 def test_two_ranks_match_one_process(finished, tmp_path):
     run_dir = copy_run(finished["dir"], tmp_path / "run")
     result = run_ok(evaluate_command(run_dir, nproc=2), finished["env"])

@@ -46,8 +46,10 @@ class PredictiveBand:
     """Standard deviation of the predictive mixture, noise included."""
     train: tuple[list[float], list[float]]
     """Training-split inputs and targets."""
-    test: tuple[list[float], list[float]]
-    """Test-split inputs and targets."""
+    evaluated: tuple[list[float], list[float]]
+    """Inputs and targets of the evaluated split."""
+    evaluated_split: str = "test"
+    """Name of the evaluated split, ``test`` or ``validation``."""
 
 
 def save_reliability_diagram(path: Path, bins: CalibrationBins, title: str) -> None:
@@ -110,7 +112,7 @@ def save_metrics_vs_samples(
 
 def save_predictive_band(path: Path, band: PredictiveBand, title: str) -> None:
     """Write the predictive mean with a band of two standard deviations either side, over the
-    training and test points, to ``path``, atomically."""
+    training points and those of the evaluated split, to ``path``, atomically."""
     figure = Figure(figsize=(8, 5))
     FigureCanvasAgg(figure)
     ax = figure.subplots()
@@ -119,7 +121,7 @@ def save_predictive_band(path: Path, band: PredictiveBand, title: str) -> None:
     ax.fill_between(band.inputs, lower, upper, color="tab:blue", alpha=0.25, label="mean ± 2σ")
     ax.plot(band.inputs, band.mean, color="tab:blue", label="predictive mean")
     ax.scatter(*band.train, s=10, color="black", label="training split")
-    ax.scatter(*band.test, s=14, color="tab:red", marker="x", label="test split")
+    ax.scatter(*band.evaluated, s=14, color="tab:red", marker="x", label=f"{band.evaluated_split} split")
     ax.set_xlabel("input")
     ax.set_ylabel("target")
     ax.set_title(title)

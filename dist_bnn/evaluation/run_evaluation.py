@@ -11,6 +11,10 @@ densities). Rank 0 writes, each file atomically:
     RUN_DIR/eval/metrics_vs_samples.png  each metric against the number of samples averaged
     RUN_DIR/eval/reliability.png         classification: reliability diagram of the BMA
     RUN_DIR/eval/predictive.png          regression with one input: mean and a ±2σ band
+
+``--split validation`` evaluates the validation split instead and writes the same files into
+``RUN_DIR/eval_validation``; the keys keep their names (``test_ll`` is then the validation
+log-likelihood).
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ from dist_bnn.training.samples import SAMPLES_DIR
 logger = logging.getLogger(__name__)
 
 EVAL_DIR = "eval"
+# Output directory of each split that ``dist-bnn evaluate --split`` accepts.
+EVAL_DIRS = {"test": EVAL_DIR, "validation": "eval_validation"}
 METRICS_FILE = "metrics.json"
 RELIABILITY_FILE = "reliability.png"
 CURVES_FILE = "metrics_vs_samples.png"
@@ -69,8 +75,9 @@ BAND_GRID_POINTS = 200
 BAND_MARGIN_FRACTION = 0.25
 
 
-def evaluate_run(run_dir: Path, log_level: str = "INFO") -> None:
-    """Evaluate the run in ``run_dir`` on every rank of this launch and write ``run_dir/eval``.
+def evaluate_run(run_dir: Path, log_level: str = "INFO", split: str = "test") -> None:
+    """Evaluate the run in ``run_dir`` on every rank of this launch and write ``run_dir/eval``
+    (``run_dir/eval_validation`` for ``split="validation"``).
 
     Raises:
         UsageError: if ``run_dir`` is missing, has no ``run.json`` or has no committed
@@ -81,10 +88,10 @@ def evaluate_run(run_dir: Path, log_level: str = "INFO") -> None:
     # Ignite's launcher logs its own start and end at INFO; the command's own lines replace them.
     logging.getLogger("ignite.distributed.launcher.Parallel").setLevel(logging.WARNING)
     with idist.Parallel(backend=backend) as parallel:
-        parallel.run(run_on_rank, run_dir, log_level)
+        parallel.run(run_on_rank, run_dir, log_level, split)
 
 
-def run_on_rank(local_rank: int, run_dir: Path, log_level: str) -> None:
+def run_on_rank(local_rank: int, run_dir: Path, log_level: str, split: str = "test") -> None:
     """Evaluate on this rank. Every rank must call this (``idist.Parallel.run`` does)."""
     setup_logging(distributed.rank(), distributed.world_size(), log_level)
 
@@ -97,9 +104,9 @@ def run_on_rank(local_rank: int, run_dir: Path, log_level: str) -> None:
         raise UsageError(inputs.error)
     cfg = from_dict(inputs.config)
 
-    result = evaluate_samples(cfg, [Path(p) for p in inputs.sample_paths], inputs.checkpoint)
+    result = evaluate_samples(cfg, [Path(p) for p in inputs.sample_paths], inputs.checkpoint, split)
     if distributed.is_writer():
-        write_outputs(run_dir / EVAL_DIR, result, inputs.checkpoint)
+        write_outputs(run_dir / EVAL_DIRS[split], result, inputs.checkpoint)
     # Leave together, so no rank tears down the process group while rank 0 still writes.
     distributed.barrier()
 
@@ -217,10 +224,12 @@ class EvaluationResult:
     by_num_samples: list[dict[str, Any]]
     """One dict per k = 1..S: ``num_samples`` = k and the metrics of the first k samples."""
     final_predictive: torch.Tensor
-    """Predictive of the BMA of all samples on the test split: ``[examples, classes]`` log
+    """Predictive of the BMA of all samples on the evaluated split: ``[examples, classes]`` log
     probabilities, or ``[examples, 3]`` log density, mean and variance in the target's units."""
     targets: torch.Tensor
-    """``[examples]`` test-split class indices, or targets in the target's units."""
+    """``[examples]`` class indices of the evaluated split, or targets in the target's units."""
+    split: str = "test"
+    """The evaluated split, ``test`` or ``validation``."""
     band: PredictiveBand | None = None
     """Predictive mean and standard deviation over an input grid, for regression on one input."""
 
@@ -229,33 +238,42 @@ class EvaluationResult:
         return self.by_num_samples[-1]
 
 
-def evaluate_samples(cfg: Config, sample_paths: list[Path], checkpoint: str) -> EvaluationResult:
-    """Compute the metrics of the BMA of the first k samples for every k on the test split.
-    Every rank must call this."""
+def evaluate_samples(cfg: Config, sample_paths: list[Path], checkpoint: str, split: str = "test") -> EvaluationResult:
+    """Compute the metrics of the BMA of the first k samples for every k on ``split`` (``test``
+    or ``validation``). Every rank must call this.
+
+    Raises:
+        UsageError: for the validation split of a run trained with ``data.val_fraction=0``.
+    """
     start = time.perf_counter()
     device = idist.device()
     splits = load_splits(cfg.data, cfg.training.seed)
     likelihood = build_likelihood(cfg, splits)
-    features, targets = splits.test.tensors
-    num_test = len(targets)
+    features, targets = (splits.test if split == "test" else splits.val).tensors
+    num_examples = len(targets)
+    if num_examples == 0:
+        raise UsageError(
+            f"the {split} split of this run is empty (data.val_fraction={cfg.data.val_fraction} in "
+            f"its run.json); evaluate it with --split test"
+        )
     grid = _band_grid(splits) if isinstance(likelihood, Gaussian) and splits.num_features == 1 else None
     if grid is not None:
-        # The grid rides along with the test split through one streaming pass. Its targets
+        # The grid rides along with the evaluated split through one streaming pass. Its targets
         # are placeholders: only the grid's mean and variance are used.
         features = torch.cat([features, grid])
         targets = torch.cat([targets, torch.zeros(len(grid), dtype=targets.dtype)])
     model = build_model(cfg, splits).to(device)
     logger.info(
-        "evaluating the BMA of %d samples of %s on %d test examples of %s with %d rank(s)",
-        len(sample_paths), checkpoint, num_test, cfg.data.name, distributed.world_size(),
+        "evaluating the BMA of %d samples of %s on %d %s examples of %s with %d rank(s)",
+        len(sample_paths), checkpoint, num_examples, split, cfg.data.name, distributed.world_size(),
     )
 
-    test_targets = _metric_targets(likelihood, targets[:num_test]).to(device)
+    eval_targets = _metric_targets(likelihood, targets[:num_examples]).to(device)
     by_num_samples: list[dict[str, Any]] = []
     final: list[torch.Tensor] = []
 
     def visit(num_samples: int, predictive: torch.Tensor) -> None:
-        metrics = _metrics(likelihood, predictive[:num_test], test_targets)
+        metrics = _metrics(likelihood, predictive[:num_examples], eval_targets)
         by_num_samples.append({"num_samples": num_samples, **metrics})
         logger.debug("first %d samples: %s", num_samples, _format(metrics))
         if num_samples == len(sample_paths):
@@ -268,9 +286,9 @@ def evaluate_samples(cfg: Config, sample_paths: list[Path], checkpoint: str) -> 
         "evaluated %d samples in %.2f s: %s",
         len(sample_paths), time.perf_counter() - start, _format(by_num_samples[-1]),
     )
-    result = EvaluationResult(likelihood.task, by_num_samples, final[0][:num_test], test_targets.cpu())
+    result = EvaluationResult(likelihood.task, by_num_samples, final[0][:num_examples], eval_targets.cpu(), split)
     if grid is not None:
-        result.band = _band(splits, likelihood, grid, final[0][num_test:])
+        result.band = _band(splits, likelihood, grid, final[0][num_examples:], split)
     return result
 
 
@@ -295,7 +313,9 @@ def _band_grid(splits: Splits) -> torch.Tensor:
     return torch.linspace(low - margin, high + margin, BAND_GRID_POINTS).unsqueeze(1)
 
 
-def _band(splits: Splits, likelihood: Gaussian, grid: torch.Tensor, predictive: torch.Tensor) -> PredictiveBand:
+def _band(
+    splits: Splits, likelihood: Gaussian, grid: torch.Tensor, predictive: torch.Tensor, split: str
+) -> PredictiveBand:
     def original_inputs(inputs: torch.Tensor) -> list[float]:
         return (splits.feature_mean[0] + splits.feature_std[0] * inputs[:, 0].double()).tolist()
 
@@ -308,7 +328,8 @@ def _band(splits: Splits, likelihood: Gaussian, grid: torch.Tensor, predictive: 
         mean=predictive[:, MEAN].tolist(),
         std=predictive[:, VARIANCE].sqrt().tolist(),
         train=points(splits.train),
-        test=points(splits.test),
+        evaluated=points(splits.test if split == "test" else splits.val),
+        evaluated_split=split,
     )
 
 
@@ -339,7 +360,7 @@ def write_outputs(eval_dir: Path, result: EvaluationResult, checkpoint: str) -> 
     )
     band = result.band
     if band is not None:
-        band_title = f"{title}\nRMSE = {final['rmse']:.4f}, test log-likelihood = {final['test_ll']:.4f}"
+        band_title = f"{title}\nRMSE = {final['rmse']:.4f}, {result.split} log-likelihood = {final['test_ll']:.4f}"
         _timed(eval_dir / PREDICTIVE_FILE, lambda path: save_predictive_band(path, band, band_title))
 
 
