@@ -25,6 +25,6 @@ def setup_logging(rank: int, world_size: int, level: str = "INFO") -> None:
     root.propagate = False
     # Ignite logs every epoch at INFO through its own loggers; keep only its warnings.
     logging.getLogger("ignite").setLevel(logging.WARNING)
-    # An engine logs every exception before re-raising it; the command line reports it once,
-    # or Python prints its traceback, so the engine's copy would only repeat it.
+    # An engine logs every exception before re-raising it. The command line reports the error
+    # once (or Python prints its traceback), so the engine's copy would only repeat it.
     logging.getLogger("ignite.engine.engine.Engine").setLevel(logging.CRITICAL)
