@@ -38,10 +38,10 @@ UCI_FILES = ("data.txt", "index_features.txt", "index_target.txt")
 class Splits:
     """Train, validation and test splits of one data set, with standardised inputs.
 
-    Inputs are standardised with the training split's statistics; ``feature_mean`` and
+    Inputs are standardised with the training split's statistics, and ``feature_mean`` and
     ``feature_std`` map them back to the original units. Classification targets are int64
-    class indices. Regression targets are float32 and standardised the same way; ``target_mean``
-    and ``target_std`` map them back (``y = target_mean + target_std * y_standardised``).
+    class indices. Regression targets are float32 and standardised the same way, and
+    ``target_mean`` and ``target_std`` map them back (``y = target_mean + target_std * y_standardised``).
     """
 
     train: TensorDataset
